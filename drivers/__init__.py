@@ -1,0 +1,1 @@
+"""Device and service drivers: signers, printers, cloud APIs (wired in by gateway.app)."""

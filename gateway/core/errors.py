@@ -1,0 +1,110 @@
+"""The one exception tree of the gateway.
+
+::
+
+    GatewayError(code, message, details, retryable)
+    ├── RequestError            the request is bad: reply with the error, change nothing
+    │   ├── ValidationError         VALIDATION_ERROR      (details[] name each field)
+    │   ├── IdempotencyMismatch     IDEMPOTENCY_MISMATCH  (same id, other body)
+    │   ├── ProtocolError           PROTOCOL_ERROR        (framing, JSON, UTF-8)
+    │   ├── LineTooLong             LINE_TOO_LONG
+    │   ├── UnknownTill             UNKNOWN_TILL
+    │   ├── NotFound                NOT_FOUND
+    │   └── Conflict                CONFLICT              (e.g. cancelling twice)
+    ├── IntegrityError          INTEGRITY_ERROR: the chain or the database is not what we
+    │                           wrote; signing halts until a technician intervenes
+    ├── SigningHalted           SIGNING_HALTED: a request arrived while signing is halted
+    ├── StorageError            STORAGE_ERROR: the disk refused a write; signing halts
+    ├── KeyError_               KEY_ERROR: a signing key is missing or unsafe
+    └── ConfigError             CONFIG_ERROR: bad configuration (exit 78)
+
+Codes are stable: clients and docs depend on them; messages may be improved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Detail:
+    """One problem with one field of a request (``field`` is a JSON-path-like string)."""
+
+    field: str
+    message: str
+    code: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message, "code": self.code}
+
+
+class GatewayError(Exception):
+    code = "INTERNAL_ERROR"
+    retryable = False
+
+    def __init__(self, message: str, details: list[Detail] | tuple[Detail, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: tuple[Detail, ...] = tuple(details)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "details": [d.to_json() for d in self.details],
+        }
+
+
+class RequestError(GatewayError):
+    code = "BAD_REQUEST"
+
+
+class ValidationError(RequestError):
+    code = "VALIDATION_ERROR"
+
+
+class IdempotencyMismatch(RequestError):
+    code = "IDEMPOTENCY_MISMATCH"
+
+
+class ProtocolError(RequestError):
+    code = "PROTOCOL_ERROR"
+
+
+class LineTooLong(RequestError):
+    code = "LINE_TOO_LONG"
+
+
+class UnknownTill(RequestError):
+    code = "UNKNOWN_TILL"
+
+
+class NotFound(RequestError):
+    code = "NOT_FOUND"
+
+
+class Conflict(RequestError):
+    code = "CONFLICT"
+
+
+class IntegrityError(GatewayError):
+    code = "INTEGRITY_ERROR"
+
+
+class SigningHalted(GatewayError):
+    code = "SIGNING_HALTED"
+    retryable = True
+
+
+class StorageError(GatewayError):
+    code = "STORAGE_ERROR"
+    retryable = True
+
+
+class KeyError_(GatewayError):
+    code = "KEY_ERROR"
+
+
+class ConfigError(GatewayError):
+    code = "CONFIG_ERROR"

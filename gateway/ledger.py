@@ -1,0 +1,665 @@
+"""The ledger writer: the only code that appends records to the journal.
+
+One dedicated thread owns the write connection. Callers (any asyncio task) hand it
+:class:`Entry` values through a queue and await a future. The thread does **group commit**:
+it drains everything queued (up to ``max_group``), and in one SQLite transaction, for each
+entry, checks the request id (exactly-once), assigns seq/number/counters/totals, links,
+hashes, signs and inserts the record with its ``requests`` row, its outbox rows and its print
+job; then one ``COMMIT`` (one fsync of the WAL, ``synchronous=FULL``), and only then resolves
+every waiter. A caller therefore never holds a record that is not durable (DESIGN.md §3.1).
+
+Start-up (:meth:`Ledger.open`): ``PRAGMA quick_check``, schema migrations, then for every
+chain a tail check anchored at the committed head (``heads`` row, written in the same
+transaction as the records): the head record exists, nothing lies beyond it, and the last
+``tail_verify`` records verify link by link and signature by signature. Any failure halts
+signing (:class:`SigningHalted` for every request) until a technician intervenes; the daemon
+can still serve status. Storage errors while committing halt signing the same way.
+
+What this module leaves to others: request validation (gateway.core.request), the decision
+of what a request means (the dispatcher), and draining outbox/print queues (their workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.core.canonical import parse_canonical
+from gateway.core.chain import KEY_ROTATED, ChainHead, ChainRuleError, draft
+from gateway.core.errors import (
+    GatewayError,
+    IdempotencyMismatch,
+    IntegrityError,
+    KeyError_,
+    RequestError,
+    SigningHalted,
+    StorageError,
+)
+from gateway.core.record import Record, format_time
+from gateway.core.verify import ChainVerifier, StoredRecord, VerifyFailure
+from gateway.store import Reader, connect, migrate, quick_check
+
+log = logging.getLogger("gateway.ledger")
+
+
+class Signer(Protocol):
+    key_id: str
+    public_pem: str
+
+    def sign(self, data: bytes) -> str: ...
+
+
+class WriterView(Protocol):
+    """What an entry's ``prepare`` hook may read, inside the writer's transaction."""
+
+    def head(self, chain: str) -> ChainHead: ...
+
+    def record(self, chain: str, seq: int) -> Record | None: ...
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One record to append. ``payload`` or ``prepare`` (computes it in the writer)."""
+
+    chain: str
+    client: str
+    request_id: str
+    fingerprint: str
+    record_type: str
+    payload: dict[str, Any] | None = None
+    prepare: Callable[[WriterView], dict[str, Any]] | None = None
+    print_job: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """The outcome of one entry: the stored record, and whether it already existed."""
+
+    record: Record
+    replayed: bool = False
+
+
+Outcome = Signed | GatewayError
+
+
+@dataclass(slots=True)
+class _Job:
+    entries: tuple[Entry, ...]
+    atomic: bool
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[Any] | None
+    result: list[Outcome] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Control:
+    fn: Callable[[sqlite3.Connection], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+_STOP = object()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class Stats:
+    groups: int = 0
+    records: int = 0
+    replays: int = 0
+    max_group: int = 0
+    checkpoints: int = 0
+
+    @property
+    def avg_group(self) -> float:
+        return self.records / self.groups if self.groups else 0.0
+
+
+class Ledger:
+    """The journal's single writer. Use ``await Ledger.open(...)`` then ``submit``."""
+
+    def __init__(
+        self,
+        path: Path,
+        signer: Signer,
+        *,
+        clock_ms: Callable[[], int] = _now_ms,
+        processors: Sequence[str] = (),
+        is_offline: Callable[[str], bool] = lambda chain: False,
+        max_group: int = 512,
+        tail_verify: int = 1000,
+        idle_checkpoint_s: float = 1.0,
+        checkpoint_every_commits: int = 2000,
+        run_quick_check: bool = True,
+    ) -> None:
+        self.path = path
+        self.signer = signer
+        self.clock_ms = clock_ms
+        self.processors = tuple(processors)
+        self.is_offline = is_offline
+        self.max_group = max_group
+        self.tail_verify = tail_verify
+        self.idle_checkpoint_s = idle_checkpoint_s
+        self.checkpoint_every_commits = checkpoint_every_commits
+        self.run_quick_check = run_quick_check
+        self.stats = Stats()
+        self.halted: str | None = None
+        self._heads: dict[str, ChainHead] = {}
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._commits_since_checkpoint = 0
+        self.last_progress = time.monotonic()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, path: Path, signer: Signer, **kwargs: Any) -> Ledger:
+        ledger = cls(path, signer, **kwargs)
+        await asyncio.to_thread(ledger._open_sync)
+        return ledger
+
+    def _open_sync(self) -> None:
+        self._take_lock()
+        conn = connect(self.path, write=True)
+        self._conn = conn
+        try:
+            if self.run_quick_check:
+                quick_check(conn)
+            migrate(conn)
+            self._register_key(conn, self.signer)
+            self._load_and_check_heads(conn)
+        except IntegrityError as exc:
+            self.halt(exc.message)
+        except StorageError:
+            conn.close()
+            self._release_lock()
+            raise
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
+
+    def _take_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageError(f"{self.path} is in use by another gateway process") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def close(self) -> None:
+        """Finish everything queued, checkpoint, close. Idempotent."""
+        if self._thread is not None:
+            self._q.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._conn is not None:
+            conn = self._conn
+            self._conn = None
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("checkpoint at close failed: %s", exc)
+            conn.close()
+        self._release_lock()
+
+    def halt(self, reason: str) -> None:
+        if self.halted is None:
+            log.error("signing halted: %s", reason)
+            self.halted = reason
+
+    # ------------------------------------------------------------------ public API
+
+    def heads(self) -> dict[str, ChainHead]:
+        """Committed heads (a snapshot; safe to read from the event loop)."""
+        return dict(self._heads)
+
+    async def submit(self, entry: Entry) -> Signed:
+        """Append one record (or return the stored one for a repeated request id)."""
+        (outcome,) = await self.submit_many([entry], atomic=False)
+        if isinstance(outcome, GatewayError):
+            raise outcome
+        return outcome
+
+    async def submit_many(self, entries: Sequence[Entry], *, atomic: bool) -> list[Outcome]:
+        """Append several entries in one transaction.
+
+        ``atomic``: all or nothing — the first failure undoes the others (no seq consumed)
+        and every outcome is that failure's error. Otherwise each entry succeeds or fails on
+        its own.
+        """
+        if self.halted is not None:
+            raise SigningHalted(f"signing is halted: {self.halted}")
+        if self._thread is None:
+            raise SigningHalted("the ledger is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Outcome]] = loop.create_future()
+        self._q.put(_Job(tuple(entries), atomic, loop, fut))
+        return await fut
+
+    async def control(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` in the writer thread between groups (e.g. a key rotation)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._q.put(_Control(fn, loop, fut))
+        return await fut
+
+    async def rotate_key(self, new_signer: Signer, *, client: str = "gateway") -> list[Record]:
+        """Announce ``new_signer`` in every chain (signed by the old key), then switch."""
+        old = self.signer
+        entries = []
+        stamp = uuid.uuid4().hex[:12]
+        for chain in sorted(self._heads):
+            payload = {
+                "event": KEY_ROTATED,
+                "old_key_id": old.key_id,
+                "new_key_id": new_signer.key_id,
+                "new_public_key": new_signer.public_pem,
+            }
+            entries.append(
+                Entry(
+                    chain, client, f"key-rotation-{stamp}-{chain}", "", "INTENTION::EVENT", payload
+                )
+            )
+
+        def switch(conn: sqlite3.Connection) -> None:
+            self._register_key(conn, new_signer)
+
+        await self.control(switch)
+        outcomes = await self.submit_many(entries, atomic=True)
+        records = []
+        for o in outcomes:
+            if isinstance(o, GatewayError):
+                raise o
+            records.append(o.record)
+
+        def use_new(conn: sqlite3.Connection) -> None:
+            self.signer = new_signer
+
+        await self.control(use_new)
+        return records
+
+    # ------------------------------------------------------------------ start-up checks
+
+    def _register_key(self, conn: sqlite3.Connection, signer: Signer) -> None:
+        conn.execute(
+            "INSERT OR IGNORE INTO keys (key_id, public_pem, added_at) VALUES (?, ?, ?)",
+            (signer.key_id, signer.public_pem, format_time(self.clock_ms())),
+        )
+
+    def _load_and_check_heads(self, conn: sqlite3.Connection) -> None:
+        from drivers.signers.software import KeyRing  # verification needs only public keys
+
+        ring = KeyRing(pem for (pem,) in conn.execute("SELECT public_pem FROM keys"))
+        heads = dict(conn.execute("SELECT chain, seq || ':' || hash FROM heads"))
+        chains = [r[0] for r in conn.execute("SELECT DISTINCT chain FROM records")]
+        for chain in chains:
+            if chain not in heads:
+                raise IntegrityError(f"chain {chain!r} has records but no committed head")
+        for chain, anchor in heads.items():
+            seq_s, head_hash = anchor.split(":", 1)
+            self._heads[chain] = self._check_tail(conn, ring, chain, int(seq_s), head_hash)
+        for chain, head in self._heads.items():
+            if head.key_id != self.signer.key_id:
+                raise IntegrityError(
+                    f"chain {chain!r} is signed by key {head.key_id} but the configured key is "
+                    f"{self.signer.key_id}; rotate keys with 'fiscal-gateway rotate-key' "
+                    f"instead of replacing the key file"
+                )
+
+    def _check_tail(
+        self, conn: sqlite3.Connection, ring: Any, chain: str, head_seq: int, head_hash: str
+    ) -> ChainHead:
+        max_seq = (
+            conn.execute("SELECT max(seq) FROM records WHERE chain = ?", (chain,)).fetchone()[0]
+            or 0
+        )
+        if max_seq < head_seq:
+            raise IntegrityError(
+                f"chain {chain!r}: committed head is seq {head_seq} but the "
+                f"last stored record is seq {max_seq} (records lost)"
+            )
+        if max_seq > head_seq:
+            raise IntegrityError(
+                f"chain {chain!r}: records beyond the committed head seq "
+                f"{head_seq} (written by someone else)"
+            )
+        first = max(1, head_seq - self.tail_verify + 1)
+        start = ChainHead(chain)
+        if first > 1:
+            row = conn.execute(
+                "SELECT body, hash FROM records WHERE chain = ? AND seq = ?", (chain, first - 1)
+            ).fetchone()
+            if row is None:
+                raise IntegrityError(f"chain {chain!r}: record {first - 1} is missing")
+            try:
+                body = parse_canonical(bytes(row[0]))
+            except GatewayError as exc:
+                raise IntegrityError(f"chain {chain!r} seq {first - 1}: {exc.message}") from exc
+            start = ChainHead.from_body(body, row[1])
+        verifier = ChainVerifier(chain, ring.check_sig, start)
+        rows = conn.execute(
+            "SELECT body, hash, sig FROM records WHERE chain = ? AND seq >= ? ORDER BY seq",
+            (chain, first),
+        )
+        try:
+            for body_b, h, sig in rows:
+                verifier.feed(StoredRecord(bytes(body_b), h, sig))
+            verifier.finish(head_seq, head_hash)
+        except VerifyFailure as exc:
+            raise IntegrityError(f"start-up check failed: {exc}") from exc
+        return verifier.head
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                first = self._q.get(timeout=self.idle_checkpoint_s)
+            except queue.Empty:
+                self._checkpoint("PASSIVE")
+                self.last_progress = time.monotonic()
+                continue
+            if first is _STOP:
+                break
+            items = [first]
+            n = _entries(first)
+            while n < self.max_group:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                items.append(nxt)
+                n += _entries(nxt)
+            jobs: list[_Job] = []
+            for it in items:
+                if isinstance(it, _Control):
+                    self._run_group(jobs)
+                    jobs = []
+                    self._run_control(it)
+                else:
+                    jobs.append(it)
+            self._run_group(jobs)
+            self.last_progress = time.monotonic()
+        # drain anything queued after the stop marker: refuse politely
+        while True:
+            try:
+                it = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(it, _Job | _Control) and it.loop is not None and it.future is not None:
+                _resolve(it.loop, it.future, SigningHalted("the ledger is shutting down"))
+
+    def _run_control(self, ctl: _Control) -> None:
+        assert self._conn is not None
+        try:
+            result: Any = ctl.fn(self._conn)
+        except Exception as exc:
+            result = exc
+        _resolve(ctl.loop, ctl.future, result)
+
+    def _checkpoint(self, mode: str) -> None:
+        if self._conn is None or self._commits_since_checkpoint == 0:
+            return
+        try:
+            self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
+            self._commits_since_checkpoint = 0
+            self.stats.checkpoints += 1
+        except sqlite3.Error as exc:
+            log.warning("checkpoint failed: %s", exc)
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        if self.halted is not None:
+            for job in jobs:
+                _finish(job, SigningHalted(f"signing is halted: {self.halted}"))
+            return
+        conn = self._conn
+        assert conn is not None
+        group = _Group(self, conn)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                group.run_job(job)
+            group.write_heads()
+            conn.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, IntegrityError):
+                reason = f"integrity failure: {exc.message}"
+            elif isinstance(exc, sqlite3.Error | OSError):
+                reason = f"storage failure: {exc}"
+            else:
+                log.exception("unexpected error in the ledger writer")
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+            self.halt(reason)
+            err = StorageError(f"nothing was signed: {reason}")
+            for job in jobs:
+                _finish(job, err)
+            return
+        self._heads.update(group.heads)
+        n = sum(1 for job in jobs for o in job.result if isinstance(o, Signed) and not o.replayed)
+        self.stats.groups += 1
+        self.stats.records += n
+        self.stats.replays += group.replays
+        self.stats.max_group = max(self.stats.max_group, n)
+        self._commits_since_checkpoint += 1
+        for job in jobs:
+            if job.loop is not None and job.future is not None:
+                _resolve(job.loop, job.future, job.result)
+        if self._commits_since_checkpoint >= self.checkpoint_every_commits:
+            self._checkpoint("PASSIVE")
+
+
+def _entries(item: Any) -> int:
+    return len(item.entries) if isinstance(item, _Job) else 1
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: Any) -> None:
+    def setter() -> None:
+        if fut.done():
+            return
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(setter)
+    except RuntimeError:  # the caller's loop is closed; nobody is waiting any more
+        pass
+
+
+def _finish(job: _Job, err: GatewayError) -> None:
+    if job.loop is not None and job.future is not None:
+        _resolve(job.loop, job.future, err)
+
+
+class _Group:
+    """The state of one group commit (uncommitted heads and request ids)."""
+
+    def __init__(self, ledger: Ledger, conn: sqlite3.Connection) -> None:
+        self.ledger = ledger
+        self.conn = conn
+        self.heads: dict[str, ChainHead] = {}
+        self.requests: dict[tuple[str, str], tuple[str, Record]] = {}
+        self.replays = 0
+        self.now_ms = ledger.clock_ms()
+
+    # WriterView
+    def head(self, chain: str) -> ChainHead:
+        h = self.heads.get(chain)
+        if h is None:
+            h = self.ledger._heads.get(chain)
+        return h if h is not None else ChainHead(chain)
+
+    def record(self, chain: str, seq: int) -> Record | None:
+        row = self.conn.execute(
+            "SELECT body, hash, sig FROM records WHERE chain = ? AND seq = ?", (chain, seq)
+        ).fetchone()
+        if row is None:
+            return None
+        return Record.from_body(parse_canonical(bytes(row[0])), row[1], row[2])
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def run_job(self, job: _Job) -> None:
+        if not job.atomic:
+            job.result = [self._one_or_error(e) for e in job.entries]
+            return
+        self.conn.execute("SAVEPOINT job")
+        saved_heads, saved_requests = dict(self.heads), dict(self.requests)
+        results: list[Outcome] = []
+        for i, e in enumerate(job.entries):
+            out = self._one_or_error(e)
+            if isinstance(out, GatewayError):
+                self.conn.execute("ROLLBACK TO job")
+                self.heads, self.requests = saved_heads, saved_requests
+                job.result = [_AtomicAbort(i, out)] * len(job.entries)
+                self.conn.execute("RELEASE job")
+                return
+            results.append(out)
+        self.conn.execute("RELEASE job")
+        job.result = results
+
+    def _one_or_error(self, e: Entry) -> Outcome:
+        try:
+            return self._one(e)
+        except RequestError as exc:
+            return exc
+        except ChainRuleError as exc:
+            return IntegrityError(str(exc))
+
+    def _one(self, e: Entry) -> Signed:
+        key = (e.client, e.request_id)
+        pending = self.requests.get(key)
+        if pending is not None:
+            return self._replay(e, pending[0], pending[1])
+        row = self.conn.execute(
+            "SELECT fingerprint, chain, seq FROM requests WHERE client = ? AND request_id = ?", key
+        ).fetchone()
+        if row is not None:
+            stored = self.record(row[1], row[2])
+            if stored is None:
+                raise IntegrityError(f"request {e.request_id} points at a missing record")
+            return self._replay(e, row[0], stored)
+        payload = e.payload if e.prepare is None else e.prepare(self)
+        assert payload is not None
+        signer = self.ledger.signer
+        d = draft(
+            self.head(e.chain),
+            record_type=e.record_type,
+            client=e.client,
+            request_id=e.request_id,
+            payload=payload,
+            now_ms=self.now_ms,
+            key_id=signer.key_id,
+            offline=self.ledger.is_offline(e.chain),
+        )
+        sig = signer.sign(d.body_bytes)
+        body = d.body
+        c = self.conn
+        c.execute(
+            "INSERT INTO records (chain, seq, type, number, time, client, request_id, key_id, "
+            "hash, sig, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                body["chain"],
+                body["seq"],
+                body["type"],
+                body["number"],
+                body["time"],
+                e.client,
+                e.request_id,
+                body["key_id"],
+                d.hash,
+                sig,
+                d.body_bytes,
+            ),
+        )
+        c.execute(
+            "INSERT INTO requests (client, request_id, fingerprint, chain, seq) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (e.client, e.request_id, e.fingerprint, body["chain"], body["seq"]),
+        )
+        for processor in self.ledger.processors:
+            c.execute(
+                "INSERT INTO outbox (processor, chain, seq, idempotency_key) VALUES (?, ?, ?, ?)",
+                (processor, body["chain"], body["seq"], str(uuid.uuid4())),
+            )
+        if e.print_job:
+            c.execute(
+                "INSERT INTO print_jobs (chain, seq) VALUES (?, ?)", (body["chain"], body["seq"])
+            )
+        record = Record.from_body(body, d.hash, sig)
+        self.heads[e.chain] = d.head
+        self.requests[key] = (e.fingerprint, record)
+        return Signed(record)
+
+    def _replay(self, e: Entry, fingerprint: str, record: Record) -> Signed:
+        if fingerprint != e.fingerprint:
+            raise IdempotencyMismatch(
+                f"request id {e.request_id!r} of {e.client!r} was already used for a different "
+                f"request (signed as {record.chain} seq {record.seq}); use a new id"
+            )
+        self.replays += 1
+        return Signed(record, replayed=True)
+
+    def write_heads(self) -> None:
+        for chain, h in self.heads.items():
+            self.conn.execute(
+                "INSERT INTO heads (chain, seq, hash) VALUES (?, ?, ?) ON CONFLICT(chain) "
+                "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (chain, h.seq, h.hash),
+            )
+
+
+class _AtomicAbort(RequestError):
+    """Every outcome of an atomic job that failed: which entry failed, and why."""
+
+    def __init__(self, index: int, cause: GatewayError) -> None:
+        super().__init__(
+            f"operation {index} failed, nothing was signed: {cause.message}", cause.details
+        )
+        self.index = index
+        self.cause = cause
+        self.code = cause.code
+
+
+def read_heads(path: Path) -> dict[str, tuple[int, str]]:
+    with Reader(path) as r:
+        return {h.chain: (h.seq, h.hash) for h in r.heads()}
+
+
+__all__ = ["Entry", "KeyError_", "Ledger", "Outcome", "Signed", "Signer", "WriterView"]

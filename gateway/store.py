@@ -1,0 +1,241 @@
+"""The SQLite store: schema, migrations, connections and read queries.
+
+One database file holds the journal (``records``, never updated or deleted), the request-id
+table for exactly-once (``requests``), the committed head of every chain (``heads``), the
+public keys (``keys``), and the work queues written in the same transaction as each record
+(``outbox`` for sync processors, ``print_jobs`` for printers).
+
+Durability settings: WAL journal, ``synchronous=FULL`` (every commit fsyncs the WAL). Only
+the ledger writer thread writes records (gateway.ledger); readers open their own
+connections. Files are created 0600: the journal is nobody else's business.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.core.errors import IntegrityError, StorageError
+from gateway.core.verify import StoredRecord
+
+SCHEMA_VERSION = 1
+
+# Each entry migrates from version i to i+1; never edit a shipped migration, add one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE keys (
+        key_id      TEXT PRIMARY KEY,
+        public_pem  TEXT NOT NULL,
+        added_at    TEXT NOT NULL
+    );
+    CREATE TABLE records (
+        chain       TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        type        TEXT NOT NULL,
+        number      INTEGER NOT NULL,
+        time        TEXT NOT NULL,
+        client      TEXT NOT NULL,
+        request_id  TEXT NOT NULL,
+        key_id      TEXT NOT NULL,
+        hash        TEXT NOT NULL,
+        sig         TEXT NOT NULL,
+        body        BLOB NOT NULL,
+        PRIMARY KEY (chain, seq)
+    );
+    CREATE TABLE requests (
+        client      TEXT NOT NULL,
+        request_id  TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        chain       TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        PRIMARY KEY (client, request_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE heads (
+        chain       TEXT PRIMARY KEY,
+        seq         INTEGER NOT NULL,
+        hash        TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        processor        TEXT NOT NULL,
+        chain            TEXT NOT NULL,
+        seq              INTEGER NOT NULL,
+        idempotency_key  TEXT NOT NULL,
+        state            TEXT NOT NULL DEFAULT 'pending',
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        last_error       TEXT,
+        updated_at       TEXT,
+        PRIMARY KEY (processor, chain, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX outbox_pending ON outbox (processor, state, chain, seq);
+    CREATE TABLE print_jobs (
+        id          INTEGER PRIMARY KEY,
+        chain       TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        state       TEXT NOT NULL DEFAULT 'pending',
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        last_error  TEXT,
+        updated_at  TEXT
+    );
+    CREATE INDEX print_jobs_pending ON print_jobs (state, id);
+    """,
+)
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` with mode 0600 if missing (SQLite copies it to -wal/-shm)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def connect(path: Path, *, write: bool) -> sqlite3.Connection:
+    """Open a connection with the store's pragmas (writer: no auto-checkpoint)."""
+    try:
+        if write:
+            create_private_file(path)
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+        else:
+            if not path.exists():
+                raise StorageError(f"database {path} does not exist")
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=10.0,
+            )
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if write:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StorageError(f"cannot put {path} in WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path}: {exc}") from exc
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION; refuse a database from a newer version."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"database schema version {version} is newer than this gateway's {SCHEMA_VERSION}"
+        )
+    while version < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in MIGRATIONS[version].split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            version += 1
+            conn.execute(f"PRAGMA user_version = {version:d}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return version
+
+
+def quick_check(conn: sqlite3.Connection) -> None:
+    rows = conn.execute("PRAGMA quick_check").fetchall()
+    if rows != [("ok",)]:
+        raise IntegrityError("SQLite quick_check failed: " + "; ".join(r[0] for r in rows[:5]))
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    chain: str
+    seq: int
+    hash: str
+
+
+class Reader:
+    """Read-only queries on a store (own connection; safe from any single thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = connect(path, write=False)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def heads(self) -> list[Head]:
+        return [
+            Head(*r) for r in self.conn.execute("SELECT chain, seq, hash FROM heads ORDER BY chain")
+        ]
+
+    def chains(self) -> list[str]:
+        """Every chain that has records or a head (a head without records is a loss)."""
+        rows = self.conn.execute(
+            "SELECT chain FROM heads UNION SELECT DISTINCT chain FROM records ORDER BY 1"
+        )
+        return [r[0] for r in rows]
+
+    def public_keys(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key_id, public_pem FROM keys"))
+
+    def count(self, chain: str | None = None) -> int:
+        if chain is None:
+            return int(self.conn.execute("SELECT count(*) FROM records").fetchone()[0])
+        return int(
+            self.conn.execute("SELECT count(*) FROM records WHERE chain = ?", (chain,)).fetchone()[
+                0
+            ]
+        )
+
+    def iter_records(
+        self, chain: str, from_seq: int = 1, to_seq: int | None = None, *, chunk: int = 2000
+    ) -> Iterator[StoredRecord]:
+        """Records of a chain in seq order (as stored; nothing is trusted)."""
+        last = to_seq if to_seq is not None else 2**62
+        seq = from_seq
+        with closing(self.conn.cursor()) as cur:
+            while True:
+                rows = cur.execute(
+                    "SELECT seq, body, hash, sig FROM records WHERE chain = ? AND seq >= ? "
+                    "AND seq <= ? ORDER BY seq LIMIT ?",
+                    (chain, seq, last, chunk),
+                ).fetchall()
+                for _, body, h, sig in rows:
+                    yield StoredRecord(bytes(body), h, sig)
+                if len(rows) < chunk:
+                    return
+                seq = rows[-1][0] + 1
+
+    def record(self, chain: str, seq: int) -> StoredRecord | None:
+        row = self.conn.execute(
+            "SELECT body, hash, sig FROM records WHERE chain = ? AND seq = ?", (chain, seq)
+        ).fetchone()
+        return StoredRecord(bytes(row[0]), row[1], row[2]) if row else None
+
+    def outbox_depth(self) -> dict[str, int]:
+        return dict(
+            self.conn.execute(
+                "SELECT processor, count(*) FROM outbox WHERE state = 'pending' GROUP BY processor"
+            )
+        )
+
+    def print_queue_depth(self) -> int:
+        return int(
+            self.conn.execute("SELECT count(*) FROM print_jobs WHERE state = 'pending'").fetchone()[
+                0
+            ]
+        )
