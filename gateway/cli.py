@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG if exc.code == "CONFIG_ERROR" else EXIT_FAIL
+    except sqlite3.Error as exc:  # e.g. a damaged file found while reading: say so, no traceback
+        print(f"error: STORAGE_ERROR: cannot read the database: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     return rc
 
 

@@ -239,7 +239,10 @@ def verify_export(out_dir: Path) -> ExportCheck:
         raise ExportInvalid(f"unknown export format {manifest.get('format')!r}")
     ring = KeyRing()
     for path in sorted((out_dir / "keys").glob("*.pem")):
-        kid = ring.add_pem(path.read_text())
+        try:
+            kid = ring.add_pem(path.read_text())
+        except (OSError, ValueError, GatewayError) as exc:
+            raise ExportInvalid(f"keys/{path.name} is not a readable public key: {exc}") from exc
         if path.stem != kid:
             raise ExportInvalid(f"{path.name} holds key {kid}, not {path.stem}")
     if hashlib.sha256(m_rec.body).hexdigest() != m_rec.hash:

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from gateway.core.canonical import parse_canonical
 from gateway.core.chain import KEY_ROTATED, ChainHead, ChainRuleError, draft
 from gateway.core.errors import (
+    Conflict,
     GatewayError,
     IdempotencyMismatch,
     IntegrityError,
@@ -70,6 +71,9 @@ class WriterView(Protocol):
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
+    def claim(self, key: str) -> None:
+        """Take a journal-wide unique key for the record being made (see Entry.claims)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -83,6 +87,9 @@ class Entry:
     payload: dict[str, Any] | None = None
     prepare: Callable[[WriterView], dict[str, Any]] | None = None
     print_job: bool = False
+    #: journal-wide unique keys this record takes (e.g. "supersede:<chain>:<seq>": a sale
+    #: is cancelled or corrected once); a key already taken refuses the entry (CONFLICT).
+    claims: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,7 @@ Outcome = Signed | GatewayError
 class _Job:
     entries: tuple[Entry, ...]
     atomic: bool
+    stop_on_error: bool
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[Any] | None
     result: list[Outcome] = field(default_factory=list)
@@ -179,7 +187,11 @@ class Ledger:
 
     def _open_sync(self) -> None:
         self._take_lock()
-        conn = connect(self.path, write=True)
+        try:
+            conn = connect(self.path, write=True)
+        except BaseException:
+            self._release_lock()
+            raise
         self._conn = conn
         try:
             if self.run_quick_check:
@@ -189,10 +201,17 @@ class Ledger:
             self._load_and_check_heads(conn)
         except IntegrityError as exc:
             self.halt(exc.message)
-        except StorageError:
-            conn.close()
-            self._release_lock()
-            raise
+        except BaseException as exc:
+            damage = _damage(exc)
+            if damage is None:
+                # not the data's fault: give back the connection and the lock, then report
+                self._conn = None
+                conn.close()
+                self._release_lock()
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"cannot open the journal {self.path}: {exc}") from exc
+                raise
+            self.halt(damage)
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
 
@@ -228,6 +247,10 @@ class Ledger:
             conn.close()
         self._release_lock()
 
+    @property
+    def writer_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def halt(self, reason: str) -> None:
         if self.halted is None:
             log.error("signing halted: %s", reason)
@@ -246,12 +269,15 @@ class Ledger:
             raise outcome
         return outcome
 
-    async def submit_many(self, entries: Sequence[Entry], *, atomic: bool) -> list[Outcome]:
+    async def submit_many(
+        self, entries: Sequence[Entry], *, atomic: bool, stop_on_error: bool = False
+    ) -> list[Outcome]:
         """Append several entries in one transaction.
 
         ``atomic``: all or nothing — the first failure undoes the others (no seq consumed)
         and every outcome is that failure's error. Otherwise each entry succeeds or fails on
-        its own.
+        its own; with ``stop_on_error`` the entries after the first failure are not tried
+        and their outcome is :class:`Skipped`.
         """
         if self.halted is not None:
             raise SigningHalted(f"signing is halted: {self.halted}")
@@ -259,7 +285,7 @@ class Ledger:
             raise SigningHalted("the ledger is not running")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Outcome]] = loop.create_future()
-        self._q.put(_Job(tuple(entries), atomic, loop, fut))
+        self._q.put(_Job(tuple(entries), atomic, stop_on_error, loop, fut))
         return await fut
 
     async def control(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -482,6 +508,36 @@ class Ledger:
             self._checkpoint("PASSIVE")
 
 
+def _damage(exc: BaseException) -> str | None:
+    """The halt reason when start-up found the database file damaged, else None.
+
+    A file SQLite calls corrupt, or stored rows our parsers cannot read (a mangled key or
+    record), is an integrity failure like a broken chain (DESIGN.md §3.8): halt signing and
+    keep the daemon up to report it, rather than crash with the lock still held.
+    """
+    if isinstance(exc, sqlite3.DatabaseError):
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return f"the database file is damaged: {exc}"
+        return None
+    if isinstance(exc, StorageError) or not isinstance(
+        exc, ValueError | KeyError | TypeError | GatewayError
+    ):
+        return None
+    return f"start-up check failed: stored data is unreadable: {exc}"
+
+
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+
+def _claim_conflict(claim: str, chain: str, seq: int) -> str:
+    kind, _, target = claim.partition(":")
+    if kind == "supersede":
+        c, _, n = target.rpartition(":")
+        return f"{c} seq {n} was already cancelled or corrected (by {chain} seq {seq})"
+    return f"{claim} is already taken by {chain} seq {seq}"
+
+
 def _entries(item: Any) -> int:
     return len(item.entries) if isinstance(item, _Job) else 1
 
@@ -516,6 +572,7 @@ class _Group:
         self.requests: dict[tuple[str, str], tuple[str, Record]] = {}
         self.replays = 0
         self.now_ms = ledger.clock_ms()
+        self.dynamic_claims: list[str] = []
 
     # WriterView
     def head(self, chain: str) -> ChainHead:
@@ -535,9 +592,20 @@ class _Group:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.conn.execute(sql, params).fetchall()
 
+    def claim(self, key: str) -> None:
+        self.dynamic_claims.append(key)
+
     def run_job(self, job: _Job) -> None:
         if not job.atomic:
-            job.result = [self._one_or_error(e) for e in job.entries]
+            job.result = []
+            failed = False
+            for e in job.entries:
+                if failed:
+                    job.result.append(Skipped("not tried: an earlier operation failed"))
+                    continue
+                out = self._one_or_error(e)
+                failed = job.stop_on_error and isinstance(out, GatewayError)
+                job.result.append(out)
             return
         self.conn.execute("SAVEPOINT job")
         saved_heads, saved_requests = dict(self.heads), dict(self.requests)
@@ -575,8 +643,16 @@ class _Group:
             if stored is None:
                 raise IntegrityError(f"request {e.request_id} points at a missing record")
             return self._replay(e, row[0], stored)
+        self.dynamic_claims = []
         payload = e.payload if e.prepare is None else e.prepare(self)
         assert payload is not None
+        claims = (*e.claims, *self.dynamic_claims)
+        for claim in claims:
+            taken = self.conn.execute(
+                "SELECT chain, seq FROM claims WHERE key = ?", (claim,)
+            ).fetchone()
+            if taken is not None:
+                raise Conflict(_claim_conflict(claim, taken[0], taken[1]))
         signer = self.ledger.signer
         d = draft(
             self.head(e.chain),
@@ -618,6 +694,11 @@ class _Group:
                 "INSERT INTO outbox (processor, chain, seq, idempotency_key) VALUES (?, ?, ?, ?)",
                 (processor, body["chain"], body["seq"], str(uuid.uuid4())),
             )
+        for claim in claims:
+            c.execute(
+                "INSERT INTO claims (key, chain, seq) VALUES (?, ?, ?)",
+                (claim, body["chain"], body["seq"]),
+            )
         if e.print_job:
             c.execute(
                 "INSERT INTO print_jobs (chain, seq) VALUES (?, ?)", (body["chain"], body["seq"])
@@ -645,6 +726,12 @@ class _Group:
             )
 
 
+class Skipped(RequestError):
+    """Outcome of an entry not tried because an earlier one failed (stop_on_error)."""
+
+    code = "SKIPPED"
+
+
 class _AtomicAbort(RequestError):
     """Every outcome of an atomic job that failed: which entry failed, and why."""
 
@@ -662,4 +749,4 @@ def read_heads(path: Path) -> dict[str, tuple[int, str]]:
         return {h.chain: (h.seq, h.hash) for h in r.heads()}
 
 
-__all__ = ["Entry", "KeyError_", "Ledger", "Outcome", "Signed", "Signer", "WriterView"]
+__all__ = ["Entry", "KeyError_", "Ledger", "Outcome", "Signed", "Signer", "Skipped", "WriterView"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from gateway.core.errors import IntegrityError, StorageError
 from gateway.core.verify import StoredRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry migrates from version i to i+1; never edit a shipped migration, add one.
 MIGRATIONS: tuple[str, ...] = (
@@ -81,6 +81,14 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at  TEXT
     );
     CREATE INDEX print_jobs_pending ON print_jobs (state, id);
+    """,
+    # 2: journal-wide unique claims (a sale is cancelled/corrected once; duplicate numbers)
+    """
+    CREATE TABLE claims (
+        key         TEXT PRIMARY KEY,
+        chain       TEXT NOT NULL,
+        seq         INTEGER NOT NULL
+    ) WITHOUT ROWID;
     """,
 )
 

@@ -143,7 +143,11 @@ class KeyRing:
         key = self._keys[key_id]  # KeyError: unknown key, reported as UNKNOWN_KEY
         try:
             sig = base64.b64decode(sig_b64, validate=True)
+            # b64decode ignores the unused low bits of the last character: accept only the
+            # one canonical encoding, so that no other ``sig`` text passes for this signature.
+            if base64.b64encode(sig).decode("ascii") != sig_b64:
+                return False
             key.verify(sig, data, _VERIFY_ALG)
-        except (InvalidSignature, ValueError):
+        except (InvalidSignature, ValueError, TypeError):
             return False
         return True

@@ -92,9 +92,17 @@ def parse_canonical(unverified_bytes: bytes) -> Any:
             parse_float=_refuse_float,
             parse_constant=_refuse_float,
         )
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
+        # UnicodeDecodeError and JSONDecodeError, and also the ValueError of an integer
+        # literal longer than Python's int conversion limit (4300 digits).
         raise CanonicalError(f"not valid UTF-8 JSON: {exc}") from exc
-    if canonical_bytes(value) != unverified_bytes:
+    except RecursionError:
+        raise CanonicalError("JSON nested too deeply") from None
+    try:
+        canonical = canonical_bytes(value)
+    except RecursionError:
+        raise CanonicalError("JSON nested too deeply") from None
+    if canonical != unverified_bytes:
         raise CanonicalError("bytes are not in canonical (RFC 8785) form")
     return value
 

@@ -65,7 +65,7 @@ def format_time(epoch_ms: int) -> str:
 
 def parse_time(text: str) -> int:
     """Epoch milliseconds of a record time (the inverse of :func:`format_time`)."""
-    if not TIME_RE.match(text):
+    if not TIME_RE.fullmatch(text):  # fullmatch: "$" alone would accept a trailing newline
         raise ValueError(f"not an RFC 3339 UTC millisecond time: {text!r}")
     dt = datetime.strptime(text[:-1], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC)
     return (dt - _EPOCH) // timedelta(milliseconds=1)

@@ -166,7 +166,8 @@ class Checker:
         if not isinstance(value, str):
             self.add(path, f"must be a string, not {_json_type(value)}", "TYPE")
             return None
-        if pattern is not None and not pattern.match(value):
+        # fullmatch: a pattern's "$" alone also matches before a trailing newline
+        if pattern is not None and not pattern.fullmatch(value):
             self.add(path, f"must match {what or pattern.pattern}", "FORMAT")
             return None
         if not value:
@@ -254,7 +255,8 @@ def validate_sale(unverified: Any, rules: Rules = Rules()) -> SaleRequest:
         c.add("op", "must be 'sign'", "NOT_ALLOWED")
     rtype = None
     if "type" in req:
-        if req["type"] in SALE_TYPES:
+        # isinstance first: an unhashable value (list, object) must not reach the lookup
+        if isinstance(req["type"], str) and req["type"] in SALE_TYPES:
             rtype = SALE_TYPES[req["type"]]
         else:
             c.add("type", "must be 'RECEIPT' or 'INVOICE'", "NOT_ALLOWED")
@@ -292,10 +294,11 @@ def validate_sale(unverified: Any, rules: Rules = Rules()) -> SaleRequest:
         gross = sum(v.gross for v in vat)
         if total is not None and gross != total:
             c.add("total", f"is {total} but the lines add up to {gross} (VAT included)", "MISMATCH")
-        if payments is not None and total is not None:
-            paid = sum(p.amount for p in payments)
-            if paid != total:
-                c.add("payments", f"add up to {paid} but the total is {total}", "MISMATCH")
+    # Checked even when the lines are invalid, so that every problem is listed at once.
+    if payments is not None and total is not None:
+        paid = sum(p.amount for p in payments)
+        if paid != total:
+            c.add("payments", f"add up to {paid} but the total is {total}", "MISMATCH")
     c.raise_if_any("invalid sign request")
     assert rid is not None and till is not None and rtype is not None
     assert currency is not None and lines is not None and payments is not None
@@ -380,7 +383,7 @@ def _payments(c: Checker, value: Any) -> tuple[Payment, ...] | None:
             continue
         method = None
         if "method" in obj:
-            if obj["method"] in PAYMENT_METHODS:
+            if isinstance(obj["method"], str) and obj["method"] in PAYMENT_METHODS:
                 method = obj["method"]
             else:
                 c.add(

@@ -24,7 +24,6 @@ from gateway.core.record import (
     BODY_FIELDS,
     FORMAT,
     RECORD_TYPES,
-    TIME_RE,
     key_id_of,
     parse_time,
     pem_to_der,
@@ -123,9 +122,9 @@ class ChainVerifier:
             raise self._fail(exc.reason, str(exc)) from None
         except (KeyError, TypeError, AttributeError) as exc:
             raise self._fail("BAD_FIELD", f"malformed totals or counters: {exc!r}") from None
-        if number != body["number"] or counters != body["counters"]:
+        if number != body["number"] or not _same_json(counters, body["counters"]):
             raise self._fail("COUNTER_MISMATCH", "number/counters do not follow the previous")
-        if totals != body["totals"]:
+        if not _same_json(totals, body["totals"]):
             raise self._fail("TOTALS_MISMATCH", "grand totals do not follow from the previous")
         if body["type"] == "INTENTION::EVENT" and body["payload"].get("event") == KEY_ROTATED:
             self._check_rotation(body["payload"])
@@ -166,16 +165,29 @@ class ChainVerifier:
             raise self._fail("BAD_FIELD", f"unknown format {body['format']}")
         if body["type"] not in RECORD_TYPES:
             raise self._fail("BAD_FIELD", f"unknown record type {body['type']!r}")
-        if not TIME_RE.match(body["time"]):
-            raise self._fail("BAD_FIELD", "time is not RFC 3339 UTC with milliseconds")
+        try:
+            parse_time(body["time"])  # also refuses well-shaped impossible dates (month 13)
+        except ValueError:
+            raise self._fail("BAD_FIELD", "time is not RFC 3339 UTC with milliseconds") from None
 
     def _check_rotation(self, payload: dict[str, Any]) -> None:
         try:
             der = pem_to_der(payload["new_public_key"])
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise self._fail("BAD_FIELD", f"key rotation without a valid new key: {exc}") from None
         if key_id_of(der) != payload.get("new_key_id"):
             raise self._fail("BAD_FIELD", "new_key_id is not the id of new_public_key")
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON: ``==`` plus equal types (Python has ``True == 1``, JSON does not)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def verify_chain(

@@ -1,0 +1,1 @@
+"""Receipt printers: document layout and transports (virtual printer today)."""

@@ -1,0 +1,85 @@
+"""The virtual printer: renders documents as plain text and appends them to a file.
+
+The embedded default when no receipt printer is attached: every document the gateway would
+print lands in ``<state_dir>/printer/virtual-printer.txt``, so a developer or technician can
+see exactly what a customer would get. The layout follows the receipt: header, lines, VAT
+per rate, total, payments, number, time, chain/seq, signature extract and QR payload.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+WIDTH = 42
+
+TITLES = {
+    "TRANSACTION::RECEIPT": "TICKET",
+    "TRANSACTION::INVOICE": "FACTURE",
+    "TRANSACTION::CANCELLATION": "ANNULATION",
+    "TRANSACTION::CORRECTION": "CORRECTION",
+    "INTENTION::DUPLICATE": "DUPLICATA",
+}
+
+
+def money(amount_minor: int, currency: str) -> str:
+    sign = "-" if amount_minor < 0 else ""
+    a = abs(amount_minor)
+    return f"{sign}{a // 100}.{a % 100:02d} {currency}".strip()
+
+
+def _lr(left: str, right: str) -> str:
+    space = max(1, WIDTH - len(left) - len(right))
+    return (left + " " * space + right)[: max(WIDTH, len(left) + 1 + len(right))]
+
+
+def render_text(record: dict[str, Any], receipt: dict[str, Any], *, header: str = "") -> str:
+    p = record["payload"]
+    out = []
+    if header:
+        out += [header.center(WIDTH)]
+    title = TITLES.get(record["type"], record["type"])
+    if record["type"] == "INTENTION::DUPLICATE":
+        title = f"*** DUPLICATA - COPY {p.get('copy', 1)} ***"
+    out += [title.center(WIDTH), "-" * WIDTH]
+    content = p.get("corrected", p)
+    currency = content.get("currency", p.get("currency", ""))
+    for line in content.get("lines", []):
+        out.append(_lr(f"{line['qty']} x {line['text']}"[:30], money(line["amount"], "")))
+    if "ref" in p:
+        ref = p["ref"]
+        out.append(f"ref: {ref['chain']} seq {ref['seq']} no {ref['number']}")
+    if "vat" in p:
+        out.append("-" * WIDTH)
+        for v in p["vat"]:
+            out.append(_lr(f"VAT {v['rate']}% on {money(v['net'], '')}", money(v["vat"], "")))
+    if "total" in p:
+        out.append(_lr("TOTAL", money(p["total"], currency)))
+    for pay in p.get("payments", []):
+        out.append(_lr(f"  {pay['method']}", money(pay["amount"], currency)))
+    out += [
+        "-" * WIDTH,
+        f"No {receipt['number']}",
+        f"{record['time']}  {record['chain']} seq {record['seq']}",
+        f"sig {receipt['signature_extract']}  key {record['key_id']}",
+        f"QR {receipt['qr']}",
+        "=" * WIDTH,
+        "",
+    ]
+    return "\n".join(out) + "\n"
+
+
+class VirtualPrinter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def print_text(self, text: str) -> None:
+        """Append a document (blocking: call from a thread)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)

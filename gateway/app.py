@@ -1,0 +1,381 @@
+"""The composition root: wires config, signer, ledger, transports and workers; lifecycle.
+
+``fiscal-gateway run`` → :func:`cmd_run` → :class:`App`. Start-up order: config (exit 78 if
+bad), state directory (0700), signing key (generated 0600 on first start when allowed;
+a group/world-readable key exits 78), ledger (integrity checks; a failure keeps the daemon
+up with signing halted and health 503 so a technician can see why), then listeners, then
+``READY=1``. ``SIGTERM``/``SIGINT``: ``STOPPING=1``, stop accepting, let in-flight requests
+finish and reply (up to ``gateway.stop_timeout_s``), let the writer commit what is queued,
+checkpoint, close, exit 0. ``SIGHUP``: reopen the log file and reload what is safe to reload
+(log level, allowed tills); everything else needs a restart and is logged as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from drivers.printers.virtual import VirtualPrinter
+from drivers.signers.software import generate_key, load_signer
+from gateway import __version__
+from gateway.config import Config, load_config, parse_listen
+from gateway.core.errors import ConfigError, GatewayError, KeyError_
+from gateway.core.record import format_time
+from gateway.core.request import Rules
+from gateway.dispatch import Dispatcher
+from gateway.ledger import Ledger
+from gateway.logs import setup_logging
+from gateway.pos_socket import PosServer
+from gateway.printing import PrintWorker
+from gateway.reads import ReadPool
+from gateway.sdnotify import Notifier
+from gateway.store import Reader
+from gateway.web import make_app
+
+log = logging.getLogger("gateway.app")
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_CONFIG = 78
+
+
+class App:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        config_path: Path | None = None,
+        cli_state_dir: Path | None = None,
+        cli_http: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.cli_state_dir = cli_state_dir
+        self.cli_http = cli_http
+        self.notifier = Notifier()
+        self.started_mono = time.monotonic()
+        self.started_at = format_time(time.time_ns() // 1_000_000)
+        self.stop_event = asyncio.Event()
+        self.ledger: Ledger | None = None
+        self.reads: ReadPool | None = None
+        self.pos: PosServer | None = None
+        self.printer: PrintWorker | None = None
+        self.http_runner: web.AppRunner | None = None
+        self.http_address: str | None = None
+
+    # ------------------------------------------------------------------ start-up
+
+    def _load_key(self) -> Any:
+        path = self.cfg.key_path
+        if (
+            not path.exists()
+            and self.cfg.signing.generate_if_missing
+            and not self.cfg.signing.key_file.startswith("credential:")
+        ):
+            signer = generate_key(path)
+            log.warning(
+                "generated a new signing key %s at %s (mode 0600); back it up", signer.key_id, path
+            )
+            return signer
+        return load_signer(path)
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        state = cfg.gateway.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        signer = self._load_key()
+        self.ledger = ledger = await Ledger.open(
+            cfg.db_path, signer, max_group=cfg.ledger.max_group, tail_verify=cfg.ledger.tail_verify
+        )
+        if ledger.halted:
+            log.error("SIGNING HALTED: %s", ledger.halted)
+        self.reads = ReadPool(cfg.db_path)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                await self._start(tg)
+                self._install_signals()
+                self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+                log.info(
+                    "ready: key %s, %d chain(s), socket %s, http %s",
+                    signer.key_id,
+                    len(ledger.heads()),
+                    cfg.socket_path,
+                    self.http_address or "off",
+                )
+                await self.stop_event.wait()
+                self.notifier.notify("STOPPING=1", "STATUS=stopping")
+                log.info("stopping")
+                await self._stop_listeners()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            await self._close()
+        log.info("stopped cleanly")
+        return EXIT_OK
+
+    async def _start(self, tg: asyncio.TaskGroup) -> None:
+        cfg = self.cfg
+        ledger = self.ledger
+        assert ledger is not None and self.reads is not None
+        self.printer = None
+        if cfg.printer.kind == "virtual":
+            self.printer = PrintWorker(
+                ledger,
+                self.reads,
+                VirtualPrinter(cfg.gateway.state_dir / "printer" / "virtual-printer.txt"),
+                header=cfg.gateway.id,
+            )
+        dispatcher = Dispatcher(
+            ledger,
+            rules=Rules(cfg.ledger.vat_rates, cfg.ledger.currencies),
+            allowed_tills=cfg.tills.allowed,
+            max_batch_operations=cfg.pos.max_batch_operations,
+            print_documents=self.printer is not None and cfg.printer.print_receipts,
+            status=self.status,
+            spawn=lambda coro: tg.create_task(coro),
+            lookup=self._lookup,
+        )
+        self.dispatcher = dispatcher
+        if self.printer is not None:
+            printer = self.printer
+            original = dispatcher.handle
+
+            async def handle_and_wake(unverified: Any) -> dict[str, Any]:
+                reply = await original(unverified)
+                if reply.get("ok") and ("record" in reply or "batch" in reply):
+                    printer.wake.set()
+                return reply
+
+            dispatcher.handle = handle_and_wake  # type: ignore[method-assign]
+            tg.create_task(printer.run())
+        self.pos = PosServer(
+            dispatcher,
+            max_line_bytes=cfg.pos.max_line_bytes,
+            max_inflight=cfg.pos.max_inflight_per_connection,
+            max_connections=cfg.pos.max_connections,
+            write_timeout_s=cfg.pos.write_timeout_s,
+        )
+        await self.pos.start_unix(cfg.socket_path, cfg.pos.socket_mode)
+        if cfg.pos.tcp:
+            host, port = parse_listen(cfg.pos.tcp)
+            await self.pos.start_tcp(host, port)
+        if cfg.http.listen:
+            host, port = parse_listen(cfg.http.listen)
+            runner = web.AppRunner(
+                make_app(dispatcher, ledger, max_body_bytes=cfg.http.max_body_bytes),
+                access_log=None,
+                handle_signals=False,
+            )
+            await runner.setup()
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            self.http_runner = runner
+            self.http_address = f"{host}:{port}"
+            log.info("HTTP listening on http://%s:%d/", host, port)
+        tg.create_task(self._watchdog())
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+    # ------------------------------------------------------------------ running
+
+    async def _lookup(self, chain: str, seq: int) -> tuple[str, bool] | None:
+        assert self.reads is not None
+
+        def q(r: Reader) -> tuple[str, bool] | None:
+            row = r.conn.execute(
+                "SELECT type FROM records WHERE chain = ? AND seq = ?", (chain, seq)
+            ).fetchone()
+            if row is None:
+                return None
+            taken = r.conn.execute(
+                "SELECT 1 FROM claims WHERE key = ?", (f"supersede:{chain}:{seq}",)
+            ).fetchone()
+            return row[0], taken is not None
+
+        return await self.reads.run(q)
+
+    def _status_line(self) -> str:
+        ledger = self.ledger
+        if ledger is None:
+            return "starting"
+        if ledger.halted:
+            return f"SIGNING HALTED: {ledger.halted}"
+        return (
+            f"signing; {ledger.stats.records} records since start, {len(ledger.heads())} chain(s)"
+        )
+
+    async def status(self) -> dict[str, Any]:
+        ledger = self.ledger
+        assert ledger is not None and self.reads is not None
+
+        def q(r: Reader) -> tuple[dict[str, int], int]:
+            return r.outbox_depth(), r.print_queue_depth()
+
+        outbox, print_queue = await self.reads.run(q)
+        chains = []
+        for chain, h in sorted(ledger.heads().items()):
+            chains.append(
+                {
+                    "chain": chain,
+                    "seq": h.seq,
+                    "hash": h.hash,
+                    "time": format_time(h.time_ms),
+                    "counters": h.counters,
+                    "totals": h.totals,
+                }
+            )
+        s = ledger.stats
+        return {
+            "gateway": {
+                "id": self.cfg.gateway.id,
+                "version": __version__,
+                "started_at": self.started_at,
+                "uptime_s": round(time.monotonic() - self.started_mono, 1),
+            },
+            "signing": {
+                "ok": ledger.halted is None,
+                "halted_reason": ledger.halted,
+                "key_id": ledger.signer.key_id,
+            },
+            "chains": chains,
+            "outbox": outbox,
+            "offline": {"processors": []},
+            "printer": {
+                "kind": self.cfg.printer.kind,
+                "queue": print_queue,
+                "printed_since_start": self.printer.printed if self.printer else 0,
+                "last_error": self.printer.last_error if self.printer else None,
+            },
+            "pos": {
+                "connections": self.pos.connections if self.pos else 0,
+                "inflight": self.pos.inflight if self.pos else 0,
+            },
+            "writer": {
+                "groups": s.groups,
+                "records": s.records,
+                "replays": s.replays,
+                "avg_group": round(s.avg_group, 2),
+                "max_group": s.max_group,
+            },
+            "jobs": {"active": self.dispatcher.jobs.active()},
+        }
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 only while the writer thread makes progress and the loop runs."""
+        interval = (self.notifier.watchdog_s or 10.0) / 2
+        ledger = self.ledger
+        assert ledger is not None
+        while True:
+            await asyncio.sleep(interval)
+            stalled_s = time.monotonic() - ledger.last_progress
+            writer_ok = ledger.writer_alive and stalled_s < max(5.0, interval * 2)
+            if writer_ok:
+                self.notifier.notify("WATCHDOG=1", f"STATUS={self._status_line()}")
+            else:
+                log.error(
+                    "ledger writer made no progress for %.1f s; withholding watchdog", stalled_s
+                )
+
+    def _reload(self) -> None:
+        log.info("SIGHUP: reloading")
+        try:
+            new = load_config(self.config_path, state_dir=self.cli_state_dir, http=self.cli_http)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc.message)
+            return
+        setup_logging(
+            new.logging.level,
+            new.logging.format,
+            Path(new.logging.file) if new.logging.file else None,
+        )
+        if new.tills != self.cfg.tills:
+            self.dispatcher.allowed_tills = frozenset(new.tills.allowed)
+            log.info("allowed tills reloaded: %s", ", ".join(new.tills.allowed) or "any")
+        for section in ("gateway", "signing", "ledger", "pos", "http", "printer"):
+            if getattr(new, section) != getattr(self.cfg, section):
+                log.warning("config section [%s] changed; restart to apply it", section)
+        self.cfg = Config(
+            **{
+                **{
+                    f: getattr(self.cfg, f)
+                    for f in ("gateway", "signing", "ledger", "pos", "http", "printer")
+                },
+                "tills": new.tills,
+                "logging": new.logging,
+                "source_sha256": new.source_sha256,
+            }
+        )
+
+    # ------------------------------------------------------------------ stopping
+
+    async def _stop_listeners(self) -> None:
+        grace = self.cfg.gateway.stop_timeout_s
+        if self.pos is not None:
+            await self.pos.stop(grace)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+            self.http_runner = None
+
+    async def _close(self) -> None:
+        if self.http_runner is not None:
+            with contextlib.suppress(Exception):
+                await self.http_runner.cleanup()
+        if self.ledger is not None:
+            await self.ledger.close()
+        if self.reads is not None:
+            self.reads.close()
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to cancel the workers once listeners are stopped."""
+
+
+def add_run_parser(sub: Any) -> None:
+    r = sub.add_parser("run", help="run the gateway daemon")
+    r.add_argument(
+        "--config", type=Path, default=None, help="TOML config (default: embedded defaults)"
+    )
+    r.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the database, keys, socket and virtual printer live",
+    )
+    r.add_argument(
+        "--http",
+        default=None,
+        metavar="HOST:PORT",
+        help="status/HTTP API address (default 127.0.0.1:8480; '' disables)",
+    )
+    r.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, state_dir=args.state_dir, http=args.http)
+    setup_logging(
+        cfg.logging.level, cfg.logging.format, Path(cfg.logging.file) if cfg.logging.file else None
+    )
+    os.umask(0o077 if cfg.pos.socket_mode & 0o070 == 0 else 0o007)
+    app = App(cfg, config_path=args.config, cli_state_dir=args.state_dir, cli_http=args.http)
+    try:
+        return asyncio.run(app.run())
+    except KeyError_ as exc:
+        log.error("signing key problem: %s", exc.message)
+        return EXIT_CONFIG
+    except GatewayError as exc:
+        log.error("cannot start: %s: %s", exc.code, exc.message)
+        return EXIT_FAIL

@@ -1,0 +1,319 @@
+"""Configuration: TOML → validated, frozen dataclasses.
+
+Parsing collects *every* problem with its field path (``pos.max_line_bytes``) and raises one
+:class:`ConfigError` listing them; the CLI exits 78 (EX_CONFIG) so systemd does not
+restart-loop on a bad file. No configuration at all is valid: every key has an embedded
+default (SQLite and key in ``./state``, virtual printer, no cloud, MQTT off, status web server
+on 127.0.0.1). Secrets are never values in the file, only paths to files holding them.
+Relative paths are relative to ``gateway.state_dir``. A path may be written
+``credential:NAME`` to mean ``$CREDENTIALS_DIRECTORY/NAME`` (systemd ``LoadCredential=``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gateway.core.errors import ConfigError, Detail
+from gateway.core.money import DEFAULT_VAT_RATES, RATE_RE
+from gateway.core.request import CURRENCY_RE, TILL_RE
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySection:
+    id: str = "gw-1"
+    state_dir: Path = Path("state")
+    stop_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SigningSection:
+    key_file: str = "keys/signing.pem"
+    generate_if_missing: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSection:
+    database: str = "gateway.db"
+    max_group: int = 512
+    tail_verify: int = 1000
+    vat_rates: tuple[str, ...] = DEFAULT_VAT_RATES
+    currencies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PosSection:
+    socket: str = "pos.sock"
+    socket_mode: int = 0o660
+    tcp: str = ""
+    max_line_bytes: int = 1 << 20
+    max_inflight_per_connection: int = 64
+    max_connections: int = 1024
+    write_timeout_s: float = 10.0
+    max_batch_operations: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSection:
+    listen: str = "127.0.0.1:8480"
+    allow_non_loopback: bool = False
+    admin_token_file: str = ""
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TillsSection:
+    allowed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PrinterSection:
+    kind: str = "virtual"
+    print_receipts: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSection:
+    level: str = "info"
+    format: str = "json"
+    file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    signing: SigningSection = field(default_factory=SigningSection)
+    ledger: LedgerSection = field(default_factory=LedgerSection)
+    pos: PosSection = field(default_factory=PosSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    tills: TillsSection = field(default_factory=TillsSection)
+    printer: PrinterSection = field(default_factory=PrinterSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    source_sha256: str = ""
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path (relative → under state_dir; credential:NAME)."""
+        if value.startswith("credential:"):
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise ConfigError(
+                    f"{value}: $CREDENTIALS_DIRECTORY is not set "
+                    "(only under systemd with LoadCredential=)"
+                )
+            return Path(creds) / value.removeprefix("credential:")
+        p = Path(value)
+        return p if p.is_absolute() else self.gateway.state_dir / p
+
+    @property
+    def db_path(self) -> Path:
+        return self.path(self.ledger.database)
+
+    @property
+    def key_path(self) -> Path:
+        return self.path(self.signing.key_file)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.path(self.pos.socket)
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.details: list[Detail] = []
+
+    def err(self, path: str, message: str, code: str = "INVALID") -> None:
+        self.details.append(Detail(path, message, code))
+
+
+def _section_types() -> dict[str, type]:
+    return {
+        "gateway": GatewaySection,
+        "signing": SigningSection,
+        "ledger": LedgerSection,
+        "pos": PosSection,
+        "http": HttpSection,
+        "tills": TillsSection,
+        "printer": PrinterSection,
+        "logging": LoggingSection,
+    }
+
+
+def _convert(c: _Collector, path: str, raw: Any, default: Any) -> Any:
+    """Convert a TOML value to the type of the default, or record an error."""
+    if isinstance(default, bool):
+        if type(raw) is not bool:
+            c.err(path, "must be true or false", "TYPE")
+        return raw
+    if isinstance(default, int) and not isinstance(default, bool):
+        if path.endswith("socket_mode"):
+            if isinstance(raw, str) and re.fullmatch(r"0?[0-7]{3}", raw):
+                return int(raw, 8)
+            c.err(path, 'must be an octal string such as "0660"', "TYPE")
+            return default
+        if type(raw) is not int:
+            c.err(path, "must be an integer", "TYPE")
+        return raw
+    if isinstance(default, float):
+        if type(raw) not in (int, float):
+            c.err(path, "must be a number (seconds)", "TYPE")
+            return default
+        return float(raw)
+    if isinstance(default, Path):
+        if not isinstance(raw, str) or not raw:
+            c.err(path, "must be a non-empty path string", "TYPE")
+            return default
+        return Path(raw)
+    if isinstance(default, tuple):
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            c.err(path, "must be a list of strings", "TYPE")
+            return default
+        return tuple(raw)
+    if isinstance(default, str):
+        if not isinstance(raw, str):
+            c.err(path, "must be a string", "TYPE")
+        return raw
+    raise AssertionError(f"unsupported default for {path}")
+
+
+def parse_config(data: dict[str, Any], *, source_sha256: str = "") -> Config:
+    c = _Collector()
+    sections: dict[str, Any] = {}
+    types = _section_types()
+    for name in data:
+        if name not in types:
+            c.err(name, "is not a known section", "UNKNOWN_FIELD")
+    for name, cls in types.items():
+        raw = data.get(name, {})
+        default = cls()
+        if not isinstance(raw, dict):
+            c.err(name, "must be a table", "TYPE")
+            sections[name] = default
+            continue
+        known = {f.name for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                c.err(f"{name}.{key}", "is not a known key", "UNKNOWN_FIELD")
+        values = {}
+        for key in known & raw.keys():
+            values[key] = _convert(c, f"{name}.{key}", raw[key], getattr(default, key))
+        sections[name] = replace(default, **values)
+    cfg = Config(**sections, source_sha256=source_sha256)
+    if not c.details:
+        _validate(c, cfg)
+    if c.details:
+        first = c.details[0]
+        lines = "\n".join(f"  {d.field}: {d.message}" for d in c.details)
+        raise ConfigError(
+            f"invalid configuration ({len(c.details)} problem(s)); first: "
+            f"{first.field}: {first.message}\n{lines}",
+            c.details,
+        )
+    return cfg
+
+
+def _positive(c: _Collector, path: str, value: float, hi: float | None = None) -> None:
+    if value <= 0 or (hi is not None and value > hi):
+        c.err(path, f"must be > 0{f' and <= {hi}' if hi is not None else ''}", "RANGE")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8480")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate(c: _Collector, cfg: Config) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}", cfg.gateway.id):
+        c.err("gateway.id", "must be 1-32 characters of A-Z a-z 0-9 . _ -", "FORMAT")
+    _positive(c, "gateway.stop_timeout_s", cfg.gateway.stop_timeout_s, 300)
+    _positive(c, "ledger.max_group", cfg.ledger.max_group, 10_000)
+    _positive(c, "ledger.tail_verify", cfg.ledger.tail_verify, 10_000_000)
+    if not cfg.ledger.vat_rates:
+        c.err("ledger.vat_rates", "must list at least one rate", "RANGE")
+    for i, rate in enumerate(cfg.ledger.vat_rates):
+        if not RATE_RE.match(rate):
+            c.err(f"ledger.vat_rates[{i}]", 'must be a decimal string such as "20.00"', "FORMAT")
+    for i, cur in enumerate(cfg.ledger.currencies):
+        if not CURRENCY_RE.match(cur):
+            c.err(f"ledger.currencies[{i}]", "must be an ISO 4217 code", "FORMAT")
+    _positive(c, "pos.max_line_bytes", cfg.pos.max_line_bytes, 64 << 20)
+    _positive(c, "pos.max_inflight_per_connection", cfg.pos.max_inflight_per_connection, 10_000)
+    _positive(c, "pos.max_connections", cfg.pos.max_connections, 100_000)
+    _positive(c, "pos.write_timeout_s", cfg.pos.write_timeout_s, 3600)
+    _positive(c, "pos.max_batch_operations", cfg.pos.max_batch_operations, 100_000)
+    if cfg.pos.socket_mode & 0o007:
+        c.err("pos.socket_mode", "must not give access to others (e.g. 0660)", "RANGE")
+    if cfg.pos.tcp:
+        try:
+            host, _ = parse_listen(cfg.pos.tcp)
+            if not is_loopback(host):
+                c.err("pos.tcp", "the POS TCP listener binds to loopback only", "RANGE")
+        except ValueError as exc:
+            c.err("pos.tcp", str(exc), "FORMAT")
+    if cfg.http.listen:
+        try:
+            host, _ = parse_listen(cfg.http.listen)
+            if not is_loopback(host) and not cfg.http.allow_non_loopback:
+                c.err(
+                    "http.listen",
+                    "binds beyond loopback; set http.allow_non_loopback = true to allow it",
+                    "RANGE",
+                )
+        except ValueError as exc:
+            c.err("http.listen", str(exc), "FORMAT")
+    _positive(c, "http.max_body_bytes", cfg.http.max_body_bytes, 64 << 20)
+    for i, till in enumerate(cfg.tills.allowed):
+        if not TILL_RE.match(till):
+            c.err(f"tills.allowed[{i}]", "is not a valid till id", "FORMAT")
+    if cfg.printer.kind not in ("virtual", "none"):
+        c.err("printer.kind", 'must be "virtual" or "none" (serial printers: see docs)', "RANGE")
+    if cfg.logging.level not in _LOG_LEVELS:
+        c.err("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}", "RANGE")
+    if cfg.logging.format not in ("json", "text"):
+        c.err("logging.format", 'must be "json" or "text"', "RANGE")
+
+
+def load_config(
+    path: Path | None, *, state_dir: Path | None = None, http: str | None = None
+) -> Config:
+    """Read and validate a config file (None: embedded defaults), then CLI overrides."""
+    if path is None:
+        data: dict[str, Any] = {}
+        digest = hashlib.sha256(b"").hexdigest()
+    else:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        digest = hashlib.sha256(raw).hexdigest()
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    if state_dir is not None:
+        data.setdefault("gateway", {})
+        if isinstance(data["gateway"], dict):
+            data["gateway"]["state_dir"] = str(state_dir)
+    if http is not None:
+        data.setdefault("http", {})
+        if isinstance(data["http"], dict):
+            data["http"]["listen"] = http
+    return parse_config(data, source_sha256=digest)
