@@ -36,6 +36,7 @@ class PrintWorker:
         header: str = "",
         poll_s: float = 2.0,
         batch: int = 50,
+        coalesce_s: float = 0.05,
     ) -> None:
         self.ledger = ledger
         self.reads = reads
@@ -43,6 +44,9 @@ class PrintWorker:
         self.header = header
         self.poll_s = poll_s
         self.batch = batch
+        # After a wake-up, wait this long so that a burst of sales is printed and marked in
+        # one go (one fsync, one writer commit) instead of competing with signing per sale.
+        self.coalesce_s = coalesce_s
         self.wake = asyncio.Event()
         self.printed = 0
         self.last_error: str | None = None
@@ -53,6 +57,7 @@ class PrintWorker:
                 await asyncio.wait_for(self.wake.wait(), self.poll_s)
             except TimeoutError:
                 pass
+            await asyncio.sleep(self.coalesce_s)
             self.wake.clear()
             try:
                 while await self._drain_once():
@@ -67,11 +72,11 @@ class PrintWorker:
         jobs = await self.reads.run(self._pending)
         if not jobs:
             return False
-        done: list[int] = []
-        for job_id, rec in jobs:
-            text = render_text(rec.to_json(), receipt_data(rec), header=self.header)
-            await asyncio.to_thread(self.printer.print_text, text)
-            done.append(job_id)
+        texts = [
+            render_text(rec.to_json(), receipt_data(rec), header=self.header) for _, rec in jobs
+        ]
+        await asyncio.to_thread(self.printer.print_texts, texts)
+        done = [job_id for job_id, _ in jobs]
         self.printed += len(done)
 
         def mark(conn: sqlite3.Connection) -> None:

@@ -74,12 +74,12 @@ class VirtualPrinter:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def print_text(self, text: str) -> None:
-        """Append a document (blocking: call from a thread)."""
+    def print_texts(self, texts: list[str]) -> None:
+        """Append documents, then fsync once: printed means on disk (blocking: use a thread)."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, text.encode("utf-8"))
+            os.write(fd, "".join(texts).encode("utf-8"))
             os.fsync(fd)
         finally:
             os.close(fd)
