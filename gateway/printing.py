@@ -73,10 +73,11 @@ class PrintWorker:
         if not jobs:
             return False
         texts = [
-            render_text(rec.to_json(), receipt_data(rec), header=self.header) for _, rec in jobs
+            render_text(rec.to_json(), receipt_data(rec), header=self.header, original=orig)
+            for _, rec, orig in jobs
         ]
         await asyncio.to_thread(self.printer.print_texts, texts)
-        done = [job_id for job_id, _ in jobs]
+        done = [job_id for job_id, _, _ in jobs]
         self.printed += len(done)
 
         def mark(conn: sqlite3.Connection) -> None:
@@ -89,7 +90,7 @@ class PrintWorker:
         await self.ledger.control(mark)
         return len(jobs) == self.batch
 
-    def _pending(self, r: Reader) -> list[tuple[int, Record]]:
+    def _pending(self, r: Reader) -> list[tuple[int, Record, dict[str, Any] | None]]:
         rows = r.conn.execute(
             "SELECT p.id, r.body, r.hash, r.sig FROM print_jobs p JOIN records r "
             "ON r.chain = p.chain AND r.seq = p.seq WHERE p.state = 'pending' "
@@ -99,5 +100,10 @@ class PrintWorker:
         out = []
         for job_id, body, h, sig in rows:
             b: dict[str, Any] = json.loads(body)
-            out.append((job_id, Record.from_body(b, h, sig)))
+            original = None
+            if b["type"] == "INTENTION::DUPLICATE":
+                ref = b["payload"]["ref"]
+                stored = r.record(ref["chain"], ref["seq"])
+                original = json.loads(stored.body) if stored is not None else None
+            out.append((job_id, Record.from_body(b, h, sig), original))
         return out

@@ -34,8 +34,18 @@ def _lr(left: str, right: str) -> str:
     return (left + " " * space + right)[: max(WIDTH, len(left) + 1 + len(right))]
 
 
-def render_text(record: dict[str, Any], receipt: dict[str, Any], *, header: str = "") -> str:
+def render_text(
+    record: dict[str, Any],
+    receipt: dict[str, Any],
+    *,
+    header: str = "",
+    original: dict[str, Any] | None = None,
+) -> str:
+    """A document as text. A duplicate prints its ``original``'s content under its own
+    DUPLICATA title, number, time and signature."""
     p = record["payload"]
+    if record["type"] == "INTENTION::DUPLICATE" and original is not None:
+        p = {**original["payload"], "ref": p["ref"], "copy": p.get("copy", 1)}
     out = []
     if header:
         out += [header.center(WIDTH)]
