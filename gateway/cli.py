@@ -100,22 +100,36 @@ def cmd_verify_export(args: argparse.Namespace) -> int:
 
 def cmd_rotate_key(args: argparse.Namespace) -> int:
     from drivers.signers.software import generate_key, load_signer
+    from gateway.export import fsync_dir
     from gateway.ledger import Ledger
 
     key_path = args.key or _default_key(args.db)
     old = load_signer(key_path)
     new_path = args.new_key or key_path.with_name(key_path.name + ".new")
-    new = load_signer(new_path) if new_path.exists() else generate_key(new_path)
+    resuming = new_path.exists()  # a key left by an earlier run that may have been cut short
+    new = load_signer(new_path) if resuming else generate_key(new_path)
+
+    async def already_announced() -> bool:
+        """The journal committed the rotation to ``new`` but the key files were not switched."""
+        probe = await Ledger.open(args.db, new)
+        try:
+            return probe.halted is None and bool(probe.heads())
+        finally:
+            await probe.close()
 
     async def rotate() -> int:
         ledger = await Ledger.open(args.db, old)
         try:
-            if ledger.halted:
-                print(f"error: signing is halted: {ledger.halted}", file=sys.stderr)
-                return EXIT_FAIL
-            records = await ledger.rotate_key(new)
+            halted = ledger.halted
+            records = [] if halted else await ledger.rotate_key(new)
         finally:
             await ledger.close()
+        if halted:
+            if resuming and await already_announced():
+                print(f"the journal already announces key {new.key_id}; switching key files")
+                return EXIT_OK
+            print(f"error: signing is halted: {halted}", file=sys.stderr)
+            return EXIT_FAIL
         for r in records:
             print(f"chain {r.chain}: seq {r.seq} announces key {new.key_id}")
         return EXIT_OK
@@ -128,6 +142,7 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
         pub_new = new_path.with_suffix(".pub.pem")
         if pub_new.exists():
             os.replace(pub_new, key_path.with_suffix(".pub.pem"))
+        fsync_dir(key_path.parent)  # the journal already expects the new key: make it stick
         print(f"key {new.key_id} is now {key_path}; old key kept as {retired}")
     return rc
 

@@ -296,38 +296,47 @@ class Ledger:
         return await fut
 
     async def rotate_key(self, new_signer: Signer, *, client: str = "gateway") -> list[Record]:
-        """Announce ``new_signer`` in every chain (signed by the old key), then switch."""
-        old = self.signer
-        entries = []
+        """Announce ``new_signer`` in every chain (signed by the old key), then switch.
+
+        All of it runs in the writer thread between two groups: no other record can fall
+        between an announcement and the switch (it would be signed by the retired key), and
+        a chain started while the rotation was queued is announced too.
+        """
         stamp = uuid.uuid4().hex[:12]
-        for chain in sorted(self._heads):
-            payload = {
-                "event": KEY_ROTATED,
-                "old_key_id": old.key_id,
-                "new_key_id": new_signer.key_id,
-                "new_public_key": new_signer.public_pem,
-            }
-            entries.append(
+
+        def rotate(conn: sqlite3.Connection) -> list[Outcome]:
+            old = self.signer
+            entries = tuple(
                 Entry(
-                    chain, client, f"key-rotation-{stamp}-{chain}", "", "INTENTION::EVENT", payload
+                    chain,
+                    client,
+                    f"key-rotation-{stamp}-{chain}",
+                    "",
+                    "INTENTION::EVENT",
+                    {
+                        "event": KEY_ROTATED,
+                        "old_key_id": old.key_id,
+                        "new_key_id": new_signer.key_id,
+                        "new_public_key": new_signer.public_pem,
+                    },
                 )
+                for chain in sorted(self._heads)
             )
-
-        def switch(conn: sqlite3.Connection) -> None:
             self._register_key(conn, new_signer)
+            job = _Job(entries=entries, atomic=True, stop_on_error=False, loop=None, future=None)
+            self._run_group([job])
+            if self.halted is not None:  # the group was not committed
+                raise SigningHalted(f"key rotation failed: signing is halted: {self.halted}")
+            if all(isinstance(o, Signed) for o in job.result):
+                self.signer = new_signer
+            return job.result
 
-        await self.control(switch)
-        outcomes = await self.submit_many(entries, atomic=True)
+        outcomes: list[Outcome] = await self.control(rotate)
         records = []
         for o in outcomes:
             if isinstance(o, GatewayError):
                 raise o
             records.append(o.record)
-
-        def use_new(conn: sqlite3.Connection) -> None:
-            self.signer = new_signer
-
-        await self.control(use_new)
         return records
 
     # ------------------------------------------------------------------ start-up checks
