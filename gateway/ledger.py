@@ -154,7 +154,7 @@ class Ledger:
         max_group: int = 512,
         tail_verify: int = 1000,
         idle_checkpoint_s: float = 1.0,
-        checkpoint_every_commits: int = 2000,
+        checkpoint_every_commits: int = 250,
         run_quick_check: bool = True,
     ) -> None:
         self.path = path
@@ -463,6 +463,11 @@ class Ledger:
         _resolve(ctl.loop, ctl.future, result)
 
     def _checkpoint(self, mode: str) -> None:
+        # Checkpointing often (checkpoint_every_commits, default 250) is for speed as much as
+        # for size: once every frame is back in the database, the next commit rewinds the WAL
+        # and overwrites it in place, and an fsync of a file that does not grow costs about
+        # half of one that does (docs/performance.md). It runs here, between groups, because
+        # a checkpoint that races the writer never catches up and the WAL never rewinds.
         if self._conn is None or self._commits_since_checkpoint == 0:
             return
         try:
@@ -504,15 +509,13 @@ class Ledger:
                 _finish(job, err)
             return
         self._heads.update(group.heads)
+        _resolve_many([(job, job.result) for job in jobs])  # first: the callers are waiting
         n = sum(1 for job in jobs for o in job.result if isinstance(o, Signed) and not o.replayed)
         self.stats.groups += 1
         self.stats.records += n
         self.stats.replays += group.replays
         self.stats.max_group = max(self.stats.max_group, n)
         self._commits_since_checkpoint += 1
-        for job in jobs:
-            if job.loop is not None and job.future is not None:
-                _resolve(job.loop, job.future, job.result)
         if self._commits_since_checkpoint >= self.checkpoint_every_commits:
             self._checkpoint("PASSIVE")
 
@@ -564,6 +567,33 @@ def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: A
         loop.call_soon_threadsafe(setter)
     except RuntimeError:  # the caller's loop is closed; nobody is waiting any more
         pass
+
+
+def _resolve_many(outcomes: Sequence[tuple[_Job, Any]]) -> None:
+    """Resolve the futures of a whole group: one wake-up per event loop, not one per job.
+
+    ``call_soon_threadsafe`` writes to the loop's self-pipe every time; for a group of 32
+    callers that was 32 syscalls in the writer and 32 wake-ups of the loop.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for job, value in outcomes:
+        if job.loop is not None and job.future is not None:
+            by_loop.setdefault(job.loop, []).append((job.future, value))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, items)
+        except RuntimeError:  # the caller's loop is closed; nobody is waiting any more
+            pass
+
+
+def _set_all(items: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for fut, value in items:
+        if fut.done():
+            continue
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
 
 
 def _finish(job: _Job, err: GatewayError) -> None:

@@ -76,6 +76,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+_BODY_FIELD_SET = frozenset(BODY_FIELDS)
+
+
 class ChainVerifier:
     """Checks one chain record by record, starting from ``start`` (default: empty chain)."""
 
@@ -155,7 +158,7 @@ class ChainVerifier:
             )
 
     def _check_fields(self, body: Any) -> None:
-        if not isinstance(body, dict) or set(body) != set(BODY_FIELDS):
+        if not isinstance(body, dict) or body.keys() != _BODY_FIELD_SET:
             raise self._fail("BAD_FIELD", "record fields are not the record format's")
         for name, t in _TYPES.items():
             v = body[name]
@@ -181,12 +184,28 @@ class ChainVerifier:
 
 def _same_json(a: Any, b: Any) -> bool:
     """Equal as JSON: ``==`` plus equal types (Python has ``True == 1``, JSON does not)."""
-    if type(a) is not type(b):
+    # Runs twice per verified record (counters, totals): plain loops, no generators.
+    t = type(a)
+    if t is not type(b):
         return False
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if t is dict:
+        if a.keys() != b.keys():
+            return False
+        for k, v in a.items():
+            w = b[k]
+            tv = type(v)
+            if tv is not type(w):
+                return False
+            if tv is dict or tv is list:
+                if not _same_json(v, w):
+                    return False
+            elif v != w:
+                return False
+        return True
+    if t is list:
+        if len(a) != len(b):
+            return False
+        return all(_same_json(v, w) for v, w in zip(a, b, strict=True))
     return bool(a == b)
 
 
