@@ -193,6 +193,8 @@ class _Connection:
             return
         data = encode_reply(reply)
         async with self.write_lock:
+            if self.broken:  # disconnected while this reply waited for the lock
+                return
             try:
                 self.writer.write(data)
                 await asyncio.wait_for(self.writer.drain(), self.server.write_timeout_s)

@@ -93,6 +93,10 @@ def decode_request(line: bytes) -> dict[str, Any]:
         value = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"request is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except ValueError:
+        # json.loads raises a plain ValueError for an integer literal longer than Python's
+        # int conversion limit (4300 digits)
+        raise ProtocolError("request JSON holds a number too long to convert") from None
     except RecursionError:
         raise ProtocolError("request JSON is nested too deeply") from None
     if not isinstance(value, dict):
@@ -102,4 +106,10 @@ def decode_request(line: bytes) -> dict[str, Any]:
 
 def encode_reply(reply: dict[str, Any]) -> bytes:
     """One reply line (compact JSON, UTF-8, newline-terminated)."""
-    return json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    text = json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        # a lone surrogate echoed from a request (its id, a field name) has no UTF-8 form;
+        # ASCII escapes keep the reply valid JSON that the client can match by id
+        return json.dumps(reply, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
