@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -292,32 +294,37 @@ class App:
 
     def _reload(self) -> None:
         log.info("SIGHUP: reloading")
+        # systemd shows the unit "reloading" until the next READY=1 (sd_notify(3)).
+        self.notifier.notify(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
+        try:
+            self._apply_reload()
+        finally:
+            self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+
+    def _apply_reload(self) -> None:
         try:
             new = load_config(self.config_path, state_dir=self.cli_state_dir, http=self.cli_http)
+            setup_logging(new.logging.level, new.logging.format, new.log_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc.message)
             return
-        setup_logging(
-            new.logging.level,
-            new.logging.format,
-            Path(new.logging.file) if new.logging.file else None,
-        )
+        except OSError as exc:
+            log.error("reload refused: cannot open the log file: %s", exc)
+            return
         if new.tills != self.cfg.tills:
             self.dispatcher.allowed_tills = frozenset(new.tills.allowed)
             log.info("allowed tills reloaded: %s", ", ".join(new.tills.allowed) or "any")
-        for section in ("gateway", "signing", "ledger", "pos", "http", "printer"):
-            if getattr(new, section) != getattr(self.cfg, section):
-                log.warning("config section [%s] changed; restart to apply it", section)
-        self.cfg = Config(
-            **{
-                **{
-                    f: getattr(self.cfg, f)
-                    for f in ("gateway", "signing", "ledger", "pos", "http", "printer")
-                },
-                "tills": new.tills,
-                "logging": new.logging,
-                "source_sha256": new.source_sha256,
-            }
+        # Only [tills] and [logging] apply live; every other section (including ones added
+        # later) keeps its running value until a restart.
+        for f in dataclasses.fields(Config):
+            if f.name not in ("tills", "logging", "source_sha256") and getattr(
+                new, f.name
+            ) != getattr(self.cfg, f.name):
+                log.warning("config section [%s] changed; restart to apply it", f.name)
+        self.cfg = dataclasses.replace(
+            self.cfg, tills=new.tills, logging=new.logging, source_sha256=new.source_sha256
         )
 
     # ------------------------------------------------------------------ stopping
@@ -366,15 +373,23 @@ def add_run_parser(sub: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, state_dir=args.state_dir, http=args.http)
-    setup_logging(
-        cfg.logging.level, cfg.logging.format, Path(cfg.logging.file) if cfg.logging.file else None
-    )
-    os.umask(0o077 if cfg.pos.socket_mode & 0o070 == 0 else 0o007)
+    # Everything the daemon creates is private to it (as with the unit's UMask=0077); the POS
+    # socket is the one exception and PosServer chmods it to pos.socket_mode explicitly.
+    os.umask(0o077)
+    try:
+        cfg.gateway.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        setup_logging(cfg.logging.level, cfg.logging.format, cfg.log_path)
+    except OSError as exc:
+        print(f"error: CONFIG_ERROR: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     app = App(cfg, config_path=args.config, cli_state_dir=args.state_dir, cli_http=args.http)
     try:
         return asyncio.run(app.run())
     except KeyError_ as exc:
         log.error("signing key problem: %s", exc.message)
+        return EXIT_CONFIG
+    except ConfigError as exc:  # e.g. credential:NAME outside systemd
+        log.error("bad configuration: %s", exc.message)
         return EXIT_CONFIG
     except GatewayError as exc:
         log.error("cannot start: %s: %s", exc.code, exc.message)

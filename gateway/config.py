@@ -124,6 +124,11 @@ class Config:
     def socket_path(self) -> Path:
         return self.path(self.pos.socket)
 
+    @property
+    def log_path(self) -> Path | None:
+        """``logging.file`` resolved like every other path; None means stderr (journald)."""
+        return self.path(self.logging.file) if self.logging.file else None
+
 
 class _Collector:
     def __init__(self) -> None:
@@ -151,6 +156,7 @@ def _convert(c: _Collector, path: str, raw: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if type(raw) is not bool:
             c.err(path, "must be true or false", "TYPE")
+            return default
         return raw
     if isinstance(default, int) and not isinstance(default, bool):
         if path.endswith("socket_mode"):
@@ -160,6 +166,7 @@ def _convert(c: _Collector, path: str, raw: Any, default: Any) -> Any:
             return default
         if type(raw) is not int:
             c.err(path, "must be an integer", "TYPE")
+            return default
         return raw
     if isinstance(default, float):
         if type(raw) not in (int, float):
@@ -179,6 +186,7 @@ def _convert(c: _Collector, path: str, raw: Any, default: Any) -> Any:
     if isinstance(default, str):
         if not isinstance(raw, str):
             c.err(path, "must be a string", "TYPE")
+            return default
         return raw
     raise AssertionError(f"unsupported default for {path}")
 
@@ -206,8 +214,9 @@ def parse_config(data: dict[str, Any], *, source_sha256: str = "") -> Config:
             values[key] = _convert(c, f"{name}.{key}", raw[key], getattr(default, key))
         sections[name] = replace(default, **values)
     cfg = Config(**sections, source_sha256=source_sha256)
-    if not c.details:
-        _validate(c, cfg)
+    # A value with the wrong type was replaced by its (valid) default above, so the range and
+    # format checks can run too and every problem is reported at once.
+    _validate(c, cfg)
     if c.details:
         first = c.details[0]
         lines = "\n".join(f"  {d.field}: {d.message}" for d in c.details)
@@ -240,7 +249,39 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+#: ``sun_path`` holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+#: The keys that may name a systemd credential: secrets, read-only. A database or a socket
+#: there could not be written.
+_CREDENTIAL_KEYS = ("signing.key_file", "http.admin_token_file")
+
+
+def _check_paths(c: _Collector, cfg: Config) -> None:
+    optional = ("http.admin_token_file", "logging.file")
+    for key in ("signing.key_file", "ledger.database", "pos.socket", *optional):
+        section, _, name = key.partition(".")
+        value: str = getattr(getattr(cfg, section), name)
+        if value.startswith("credential:"):
+            if key not in _CREDENTIAL_KEYS:
+                c.err(key, "cannot be a systemd credential (those are read-only)", "RANGE")
+            elif not re.fullmatch(r"credential:[A-Za-z0-9][A-Za-z0-9._-]*", value):
+                c.err(key, "must be credential:NAME with a credential name", "FORMAT")
+        elif not value and key not in optional:
+            c.err(key, "must be a non-empty path", "RANGE")
+    if cfg.pos.socket and not cfg.pos.socket.startswith("credential:"):
+        size = len(os.fsencode(cfg.socket_path))
+        if size > MAX_SOCKET_PATH_BYTES:
+            c.err(
+                "pos.socket",
+                f"resolves to {cfg.socket_path} ({size} bytes); a Unix socket path must be at "
+                f"most {MAX_SOCKET_PATH_BYTES} bytes",
+                "RANGE",
+            )
+
+
 def _validate(c: _Collector, cfg: Config) -> None:
+    _check_paths(c, cfg)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}", cfg.gateway.id):
         c.err("gateway.id", "must be 1-32 characters of A-Z a-z 0-9 . _ -", "FORMAT")
     _positive(c, "gateway.stop_timeout_s", cfg.gateway.stop_timeout_s, 300)

@@ -50,16 +50,20 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str, file: Path | None) -> logging.Handler:
-    """(Re)configure the root logger; returns the handler (SIGHUP reopens a file)."""
+    """(Re)configure the root logger; returns the handler (SIGHUP reopens a file).
+
+    The new handler is opened before the old ones are closed, so a file that cannot be opened
+    raises ``OSError`` and leaves the current logging as it was.
+    """
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
     handler: logging.Handler
     if file is not None:
         handler = logging.FileHandler(file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
