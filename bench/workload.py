@@ -177,8 +177,11 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
     return (
         f"{os.cpu_count()} CPU ({model}), Python {platform.python_version()}, "
         f"SQLite {sqlite3.sqlite_version}, {platform.system()} {platform.release()}, "
+        f"load average {load} (other processes share these CPUs), "
         f"argv: {' '.join(sys.argv[1:]) or '(defaults)'}"
     )

@@ -62,7 +62,7 @@ from gateway.core.errors import (
 )
 from gateway.core.record import Record, format_time
 from gateway.core.verify import ChainVerifier, StoredRecord, VerifyFailure
-from gateway.store import Reader, connect, migrate, quick_check
+from gateway.store import Reader, connect, migrate, quick_check, warm_page_cache
 
 log = logging.getLogger("gateway.ledger")
 
@@ -212,6 +212,8 @@ class Ledger:
         try:
             if self.run_quick_check and unclean is not None:
                 t0 = time.monotonic()
+                self.integrity_check = f"running before ready ({unclean})"
+                warm_page_cache(self.path)
                 quick_check(conn)
                 self.integrity_check = (
                     f"passed before ready in {time.monotonic() - t0:.2f} s ({unclean})"
@@ -220,6 +222,7 @@ class Ledger:
             self._register_key(conn, self.signer)
             self._load_and_check_heads(conn)
         except IntegrityError as exc:
+            self._check_failed_before_ready(exc.message)
             self.halt(exc.message)
         except BaseException as exc:
             damage = _damage(exc)
@@ -231,6 +234,7 @@ class Ledger:
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(f"cannot open the journal {self.path}: {exc}") from exc
                 raise
+            self._check_failed_before_ready(damage)
             self.halt(damage)
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
@@ -238,6 +242,10 @@ class Ledger:
             self._start_background_check()
 
     # ------------------------------------------------------------------ integrity check
+
+    def _check_failed_before_ready(self, reason: str) -> None:
+        if self.integrity_check.startswith("running before ready"):
+            self.integrity_check = f"FAILED before ready: {reason}"
 
     def _clean_mark_path(self) -> Path:
         return self.path.with_name(self.path.name + ".clean")
@@ -306,6 +314,7 @@ class Ledger:
         assert conn is not None
         t0 = time.monotonic()
         try:
+            warm_page_cache(self.path)
             quick_check(conn)
         except IntegrityError as exc:
             self.integrity_check = f"FAILED in the background: {exc.message}"
@@ -328,10 +337,12 @@ class Ledger:
     def _stop_background_check(self) -> None:
         if self._check_thread is None:
             return
-        if self._check_thread.is_alive() and self._check_conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._check_conn.interrupt()
-        self._check_thread.join()
+        # interrupt() is a no-op while no statement runs, so repeat it until the thread ends
+        while self._check_thread.is_alive():
+            if self._check_conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._check_conn.interrupt()
+            self._check_thread.join(0.05)
         self._check_thread = None
         self._check_conn = None
 

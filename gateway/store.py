@@ -162,6 +162,37 @@ def quick_check(conn: sqlite3.Connection) -> None:
         raise IntegrityError("SQLite quick_check failed: " + "; ".join(r[0] for r in rows[:5]))
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read the whole file once, sequentially, into the kernel's page cache.
+
+    ``quick_check`` visits pages in B-tree order, one 4 KiB read at a time: on a file that
+    is not cached that is random I/O (23 s for 1.5 GB on the reference box, against 0.6 s
+    for this sequential pass, then 1 s for the check; docs/performance.md). ``sendfile`` to
+    /dev/null reads without copying anything into this process; on a cached file it costs
+    milliseconds. Best effort: any error just leaves the check to read cold.
+    """
+    try:
+        src = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        dst = os.open(os.devnull, os.O_WRONLY)
+        try:
+            size = os.fstat(src).st_size
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(dst, src, offset, min(size - offset, 1 << 30))
+                if sent <= 0:
+                    break
+                offset += sent
+        finally:
+            os.close(dst)
+    except OSError:
+        pass
+    finally:
+        os.close(src)
+
+
 @dataclass(frozen=True, slots=True)
 class Head:
     chain: str
