@@ -93,21 +93,22 @@ def main() -> None:
         ("warm", "after a clean close, file in the page cache"),
         ("cold", "after a clean close, file dropped from the page cache"),
         ("unclean", "after an unclean shutdown (no clean-close record), warm"),
+        ("unclean-cold", "after an unclean shutdown and a reboot (cold page cache)"),
     ]
     for mode, what in modes:
         opens = []
         for i in range(args.runs):
             # the first warm run warms the cache (the previous run may have evicted it)
-            if mode == "cold":
+            if mode.endswith("cold"):
                 evict_from_page_cache(db)
-            if mode == "unclean":
+            if mode.startswith("unclean"):
                 forget_clean_close(db)
             t_open, check = asyncio.run(time_open(db, wait_check=True))
             opens.append(t_open)
-            print(f"open {mode:7s} run {i + 1}: Ledger.open {t_open * 1e3:,.0f} ms; {check}")
+            print(f"open {mode:12s} run {i + 1}: Ledger.open {t_open * 1e3:,.0f} ms; {check}")
         opens.sort()
         print(
-            f"open {mode:7s} median {opens[len(opens) // 2] * 1e3:,.0f} ms over {len(opens)} "
+            f"open {mode:12s} median {opens[len(opens) // 2] * 1e3:,.0f} ms over {len(opens)} "
             f"runs ({what})"
         )
 

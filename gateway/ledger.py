@@ -211,41 +211,35 @@ class Ledger:
         self._conn = conn
         try:
             if self.run_quick_check and unclean is not None:
-                t0 = time.monotonic()
-                self.integrity_check = f"running before ready ({unclean})"
-                warm_page_cache(self.path)
-                quick_check(conn)
-                self.integrity_check = (
-                    f"passed before ready in {time.monotonic() - t0:.2f} s ({unclean})"
-                )
+                # on its own connection and thread, in SQLite's C code without the GIL, so
+                # that it overlaps the tail check; open() waits for it below
+                self._start_check(before_ready=unclean)
             migrate(conn)
             self._register_key(conn, self.signer)
             self._load_and_check_heads(conn)
         except IntegrityError as exc:
-            self._check_failed_before_ready(exc.message)
             self.halt(exc.message)
         except BaseException as exc:
             damage = _damage(exc)
             if damage is None:
                 # not the data's fault: give back the connection and the lock, then report
+                self._stop_check()
                 self._conn = None
                 conn.close()
                 self._release_lock()
                 if isinstance(exc, sqlite3.Error):
                     raise StorageError(f"cannot open the journal {self.path}: {exc}") from exc
                 raise
-            self._check_failed_before_ready(damage)
             self.halt(damage)
+        if self._check_thread is not None:
+            self._check_thread.join()  # the check before ready
+            self._check_thread = None
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
         if self.run_quick_check and unclean is None and self.halted is None:
-            self._start_background_check()
+            self._start_check(before_ready=None)
 
     # ------------------------------------------------------------------ integrity check
-
-    def _check_failed_before_ready(self, reason: str) -> None:
-        if self.integrity_check.startswith("running before ready"):
-            self.integrity_check = f"FAILED before ready: {reason}"
 
     def _clean_mark_path(self) -> Path:
         return self.path.with_name(self.path.name + ".clean")
@@ -296,20 +290,24 @@ class Ledger:
         except OSError as exc:  # only costs a synchronous check at the next start
             log.warning("cannot record the clean close: %s", exc)
 
-    def _start_background_check(self) -> None:
+    def _start_check(self, *, before_ready: str | None) -> None:
+        """Start the integrity check thread; ``before_ready``: why open() must wait for it
+        (None: it runs in the background after a clean close)."""
+        when = "before ready" if before_ready is not None else "in the background"
+        why = before_ready or "previous close was clean"
         try:
             self._check_conn = connect(self.path, write=False)
         except StorageError as exc:
-            self.integrity_check = f"could not start: {exc.message}"
+            self.integrity_check = f"FAILED {when}: cannot start: {exc.message}"
             self.halt(f"integrity check could not start: {exc.message}")
             return
-        self.integrity_check = "running in the background (previous close was clean)"
+        self.integrity_check = f"running {when} ({why})"
         self._check_thread = threading.Thread(
-            target=self._background_check, name="ledger-integrity-check", daemon=True
+            target=self._check, args=(when, why), name="ledger-integrity-check", daemon=True
         )
         self._check_thread.start()
 
-    def _background_check(self) -> None:
+    def _check(self, when: str, why: str) -> None:
         conn = self._check_conn
         assert conn is not None
         t0 = time.monotonic()
@@ -317,24 +315,24 @@ class Ledger:
             warm_page_cache(self.path)
             quick_check(conn)
         except IntegrityError as exc:
-            self.integrity_check = f"FAILED in the background: {exc.message}"
+            self.integrity_check = f"FAILED {when}: {exc.message}"
             self.halt(exc.message)
         except sqlite3.OperationalError as exc:
             if "interrupt" in str(exc):  # close() interrupted it; runs again at next start
                 self.integrity_check = "interrupted by close; runs again at the next start"
             else:
-                self.integrity_check = f"FAILED in the background: {exc}"
+                self.integrity_check = f"FAILED {when}: {exc}"
                 self.halt(f"integrity check failed: {exc}")
         except sqlite3.Error as exc:
             reason = _damage(exc) or f"integrity check failed: {exc}"
-            self.integrity_check = f"FAILED in the background: {reason}"
+            self.integrity_check = f"FAILED {when}: {reason}"
             self.halt(reason)
         else:
-            self.integrity_check = f"passed in the background in {time.monotonic() - t0:.2f} s"
+            self.integrity_check = f"passed {when} in {time.monotonic() - t0:.2f} s ({why})"
         finally:
             conn.close()
 
-    def _stop_background_check(self) -> None:
+    def _stop_check(self) -> None:
         if self._check_thread is None:
             return
         # interrupt() is a no-op while no statement runs, so repeat it until the thread ends
@@ -368,7 +366,7 @@ class Ledger:
             self._q.put(_STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        await asyncio.to_thread(self._stop_background_check)
+        await asyncio.to_thread(self._stop_check)
         if self._conn is not None:
             conn = self._conn
             self._conn = None
