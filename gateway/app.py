@@ -36,6 +36,7 @@ from gateway.core.request import Rules
 from gateway.dispatch import Dispatcher
 from gateway.ledger import Ledger
 from gateway.logs import setup_logging
+from gateway.mqtt import MqttTransport
 from gateway.pos_socket import PosServer
 from gateway.printing import PrintWorker
 from gateway.reads import ReadPool
@@ -73,6 +74,7 @@ class App:
         self.printer: PrintWorker | None = None
         self.http_runner: web.AppRunner | None = None
         self.http_address: str | None = None
+        self.mqtt: MqttTransport | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -184,6 +186,15 @@ class App:
             self.http_runner = runner
             self.http_address = f"{host}:{port}"
             log.info("HTTP listening on http://%s:%d/", host, port)
+        if cfg.mqtt.enabled:
+            self.mqtt = MqttTransport(
+                cfg.mqtt,
+                gateway_id=cfg.gateway.id,
+                dispatcher=dispatcher,
+                status=self.status,
+                resolve_path=cfg.path,
+            )
+            tg.create_task(self.mqtt.run())
         tg.create_task(self._watchdog())
 
     def _install_signals(self) -> None:
@@ -274,6 +285,7 @@ class App:
                 "max_group": s.max_group,
             },
             "jobs": {"active": self.dispatcher.jobs.active()},
+            "mqtt": self.mqtt.state() if self.mqtt else {"enabled": False},
         }
 
     async def _watchdog(self) -> None:
@@ -336,6 +348,8 @@ class App:
         if self.http_runner is not None:
             await self.http_runner.cleanup()
             self.http_runner = None
+        if self.mqtt is not None:
+            await self.mqtt.stop(grace)
 
     async def _close(self) -> None:
         if self.http_runner is not None:

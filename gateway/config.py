@@ -88,6 +88,37 @@ class LoggingSection:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttSection:
+    """Tills through a broker (docs/mqtt.md). Topics use ``gateway.id``."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    socket: str = ""
+    protocol: str = "5"
+    client_id: str = ""
+    prefix: str = "fiscal"
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    session_expiry_s: int = 7 * 24 * 3600
+    receive_maximum: int = 256
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    username: str = ""
+    password_file: str = ""
+    max_payload_bytes: int = 1 << 20
+    max_inflight_per_till: int = 8
+    max_queued_per_till: int = 64
+    publish_timeout_s: float = 10.0
+    status_interval_s: float = 60.0
+    status_check_s: float = 1.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     signing: SigningSection = field(default_factory=SigningSection)
@@ -97,6 +128,7 @@ class Config:
     tills: TillsSection = field(default_factory=TillsSection)
     printer: PrinterSection = field(default_factory=PrinterSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
     source_sha256: str = ""
 
     def path(self, value: str) -> Path:
@@ -148,6 +180,7 @@ def _section_types() -> dict[str, type]:
         "tills": TillsSection,
         "printer": PrinterSection,
         "logging": LoggingSection,
+        "mqtt": MqttSection,
     }
 
 
@@ -252,13 +285,23 @@ def is_loopback(host: str) -> bool:
 #: ``sun_path`` holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
+#: The MQTT secrets and TLS files (optional; may be systemd credentials).
+_MQTT_FILE_KEYS = ("mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file", "mqtt.password_file")
+
 #: The keys that may name a systemd credential: secrets, read-only. A database or a socket
 #: there could not be written.
-_CREDENTIAL_KEYS = ("signing.key_file", "http.admin_token_file")
+_CREDENTIAL_KEYS = (
+    "signing.key_file",
+    "http.admin_token_file",
+    "mqtt.ca_file",
+    "mqtt.cert_file",
+    "mqtt.key_file",
+    "mqtt.password_file",
+)
 
 
 def _check_paths(c: _Collector, cfg: Config) -> None:
-    optional = ("http.admin_token_file", "logging.file")
+    optional = ("http.admin_token_file", "logging.file", *_MQTT_FILE_KEYS)
     for key in ("signing.key_file", "ledger.database", "pos.socket", *optional):
         section, _, name = key.partition(".")
         value: str = getattr(getattr(cfg, section), name)
@@ -330,6 +373,50 @@ def _validate(c: _Collector, cfg: Config) -> None:
         c.err("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}", "RANGE")
     if cfg.logging.format not in ("json", "text"):
         c.err("logging.format", 'must be "json" or "text"', "RANGE")
+    _validate_mqtt(c, cfg.mqtt)
+
+
+#: MQTT topic levels built from the prefix: no wildcards, no empty level, no ``$`` start.
+_MQTT_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+_MQTT_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _validate_mqtt(c: _Collector, m: MqttSection) -> None:
+    if m.protocol not in ("5", "3.1.1"):
+        c.err("mqtt.protocol", 'must be "5" or "3.1.1"', "RANGE")
+    if not 0 < m.port < 65536:
+        c.err("mqtt.port", "must be 1-65535", "RANGE")
+    if not m.socket and not m.host:
+        c.err("mqtt.host", "must name the broker (or set mqtt.socket)", "RANGE")
+    if m.socket and m.tls:
+        c.err("mqtt.tls", "is for TCP; a Unix socket broker connection is local", "RANGE")
+    if m.client_id and not _MQTT_CLIENT_ID_RE.fullmatch(m.client_id):
+        c.err("mqtt.client_id", "must be 1-64 characters of A-Z a-z 0-9 . _ -", "FORMAT")
+    if not _MQTT_PREFIX_RE.fullmatch(m.prefix):
+        c.err("mqtt.prefix", "must be topic levels of A-Z a-z 0-9 . _ - joined by /", "FORMAT")
+    _positive(c, "mqtt.keepalive_s", m.keepalive_s, 65535)
+    _positive(c, "mqtt.connect_timeout_s", m.connect_timeout_s, 600)
+    if not 0 <= m.session_expiry_s <= 0xFFFFFFFF:
+        c.err("mqtt.session_expiry_s", "must be 0-4294967295", "RANGE")
+    _positive(c, "mqtt.receive_maximum", m.receive_maximum, 65535)
+    for key in ("ca_file", "cert_file", "key_file"):
+        if getattr(m, key) and not m.tls:
+            c.err(f"mqtt.{key}", "is only used with mqtt.tls = true", "RANGE")
+    if bool(m.cert_file) != bool(m.key_file):
+        c.err("mqtt.cert_file", "a client certificate needs both cert_file and key_file", "RANGE")
+    if m.password_file and not m.username:
+        c.err("mqtt.password_file", "needs mqtt.username", "RANGE")
+    _positive(c, "mqtt.max_payload_bytes", m.max_payload_bytes, 64 << 20)
+    _positive(c, "mqtt.max_inflight_per_till", m.max_inflight_per_till, 10_000)
+    if m.max_queued_per_till < 0 or m.max_queued_per_till > 100_000:
+        c.err("mqtt.max_queued_per_till", "must be 0-100000", "RANGE")
+    _positive(c, "mqtt.publish_timeout_s", m.publish_timeout_s, 3600)
+    _positive(c, "mqtt.status_interval_s", m.status_interval_s, 86400)
+    _positive(c, "mqtt.status_check_s", m.status_check_s, 3600)
+    _positive(c, "mqtt.reconnect_min_s", m.reconnect_min_s, 3600)
+    _positive(c, "mqtt.reconnect_max_s", m.reconnect_max_s, 3600)
+    if m.reconnect_min_s > m.reconnect_max_s:
+        c.err("mqtt.reconnect_min_s", "must not exceed mqtt.reconnect_max_s", "RANGE")
 
 
 def load_config(

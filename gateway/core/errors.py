@@ -10,7 +10,9 @@
     │   ├── LineTooLong             LINE_TOO_LONG
     │   ├── UnknownTill             UNKNOWN_TILL
     │   ├── NotFound                NOT_FOUND
-    │   └── Conflict                CONFLICT              (e.g. cancelling twice)
+    │   ├── Conflict                CONFLICT              (e.g. cancelling twice)
+    │   └── Busy                    BUSY                  (one till has too many requests
+    │                                                      in flight; retry, same id)
     ├── IntegrityError          INTEGRITY_ERROR: the chain or the database is not what we
     │                           wrote; signing halts until a technician intervenes
     ├── SigningHalted           SIGNING_HALTED: a request arrived while signing is halted
@@ -86,6 +88,13 @@ class NotFound(RequestError):
 
 class Conflict(RequestError):
     code = "CONFLICT"
+
+
+class Busy(RequestError):
+    """Too many requests from one till are in flight (MQTT); nothing was done."""
+
+    code = "BUSY"
+    retryable = True
 
 
 class IntegrityError(GatewayError):
