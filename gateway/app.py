@@ -21,15 +21,24 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from drivers.printers.device import EscposPrinter
+from drivers.printers.escpos import PROFILES, Layout, encode_test_page
+from drivers.printers.transport import (
+    FileTransport,
+    SerialTransport,
+    SocketTransport,
+    Transport,
+)
 from drivers.printers.virtual import VirtualPrinter
 from drivers.signers.software import generate_key, load_signer
 from gateway import __version__
-from gateway.config import Config, load_config, parse_listen
+from gateway.config import Config, PrinterSection, load_config, parse_listen
 from gateway.core.errors import ConfigError, GatewayError, KeyError_
 from gateway.core.record import format_time
 from gateway.core.request import Rules
@@ -38,7 +47,7 @@ from gateway.ledger import Ledger
 from gateway.logs import setup_logging
 from gateway.mqtt import MqttTransport
 from gateway.pos_socket import PosServer
-from gateway.printing import PrintWorker
+from gateway.printing import PrintWorker, reprinter
 from gateway.reads import ReadPool
 from gateway.sdnotify import Notifier
 from gateway.store import Reader
@@ -139,6 +148,16 @@ class App:
                 VirtualPrinter(cfg.gateway.state_dir / "printer" / "virtual-printer.txt"),
                 header=cfg.gateway.id,
             )
+        elif cfg.printer.kind in ("serial", "network", "file"):
+            self.printer = PrintWorker(
+                ledger,
+                self.reads,
+                escpos_printer(cfg.printer),
+                poll_s=cfg.printer.poll_s,
+                confirm_timeout_s=cfg.printer.confirm_timeout_s,
+                retry_max_s=cfg.printer.retry_max_s,
+                # Technical-event records for printer faults hook in here (on_event).
+            )
         dispatcher = Dispatcher(
             ledger,
             rules=Rules(cfg.ledger.vat_rates, cfg.ledger.currencies),
@@ -152,6 +171,7 @@ class App:
         self.dispatcher = dispatcher
         if self.printer is not None:
             printer = self.printer
+            printer.reprint = reprinter(dispatcher)
             original = dispatcher.handle
 
             async def handle_and_wake(unverified: Any) -> dict[str, Any]:
@@ -272,6 +292,8 @@ class App:
                 "queue": print_queue,
                 "printed_since_start": self.printer.printed if self.printer else 0,
                 "last_error": self.printer.last_error if self.printer else None,
+                **(self.printer.snapshot() if self.printer else {}),
+                "jobs": await self.printer.job_counts() if self.printer else {},
             },
             "pos": {
                 "connections": self.pos.connections if self.pos else 0,
@@ -361,6 +383,47 @@ class App:
             self.reads.close()
 
 
+def escpos_printer(p: PrinterSection) -> EscposPrinter:
+    """The ESC/POS printer that ``[printer]`` describes (kind serial, network or file)."""
+    transport: Transport
+    wire_bytes_per_s: float | None = None
+    if p.kind == "serial":
+        transport = SerialTransport(
+            p.device, baud=p.baud, parity=p.parity, flow_control=p.flow_control
+        )
+        # start bit + 8 data bits (+ parity) + stop bit per byte
+        wire_bytes_per_s = p.baud / (10 if p.parity == "none" else 11)
+    elif p.kind == "network":
+        transport = SocketTransport(p.device, connect_timeout_s=p.write_timeout_s)
+    else:
+        transport = FileTransport(p.device)
+    profile = PROFILES[p.profile]
+    if p.code_page:
+        profile = replace(profile, code_page=p.code_page)
+    layout = Layout(
+        paper_width_mm=p.paper_width_mm,
+        merchant=p.merchant,
+        address=p.address,
+        vat_id=p.vat_id,
+        header=p.header,
+        footer=p.footer,
+        qr_module_dots=p.qr_module_dots,
+        feed_lines=p.feed_lines,
+        cut=p.cut,
+        drawer_kick=p.drawer_kick,
+        status_back=p.status_back,
+    )
+    return EscposPrinter(
+        transport,
+        profile,
+        layout,
+        status_queries=p.status_queries,
+        status_timeout_s=p.status_timeout_s,
+        write_timeout_s=p.write_timeout_s,
+        wire_bytes_per_s=wire_bytes_per_s,
+    )
+
+
 class _Stop(Exception):
     """Raised inside the TaskGroup to cancel the workers once listeners are stopped."""
 
@@ -383,6 +446,48 @@ def add_run_parser(sub: Any) -> None:
         help="status/HTTP API address (default 127.0.0.1:8480; '' disables)",
     )
     r.set_defaults(func=cmd_run)
+
+
+def add_print_test_parser(sub: Any) -> None:
+    t = sub.add_parser(
+        "print-test",
+        help="print a test page on the configured printer (stop the daemon first: "
+        "it holds a serial port exclusively)",
+    )
+    t.add_argument("--config", type=Path, default=None, help="TOML config")
+    t.set_defaults(func=cmd_print_test)
+
+
+def cmd_print_test(args: argparse.Namespace) -> int:
+    """Status, then a test page (code page, columns, QR code), then the confirmation."""
+    cfg = load_config(args.config)
+    if cfg.printer.kind not in ("serial", "network", "file"):
+        print(f"printer.kind is {cfg.printer.kind!r}: no ESC/POS printer to test")
+        return EXIT_OK
+    printer = escpos_printer(cfg.printer)
+    pid = "9999"
+    try:
+        status = printer.status()
+        if status is not None:
+            print(f"status: {status.problem or 'ready'} {status.to_json()}")
+            if not status.ready:
+                return EXIT_FAIL
+        printer.send(
+            encode_test_page(printer.profile, printer.layout), pid if printer.confirms else None
+        )
+        if not printer.confirms:
+            print(f"test page sent to {printer.name} (this printer cannot confirm printing)")
+            return EXIT_OK
+        if printer.wait_confirmation(pid, cfg.printer.confirm_timeout_s):
+            print(f"test page printed on {printer.name} (confirmed)")
+            return EXIT_OK
+        print(f"test page sent to {printer.name}, but no confirmation arrived (check the profile)")
+        return EXIT_FAIL
+    except GatewayError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        printer.disconnect()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

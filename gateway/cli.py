@@ -190,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_rotate_key)
 
     try:
-        from gateway.app import add_run_parser
+        from gateway.app import add_print_test_parser, add_run_parser
     except ImportError:
         pass
     else:
         add_run_parser(sub)
+        add_print_test_parser(sub)
     return p
 
 

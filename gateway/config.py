@@ -20,6 +20,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from drivers.printers.escpos import (
+    CODE_PAGES,
+    CUTS,
+    MAX_MODULE_DOTS,
+    MIN_MODULE_DOTS,
+    PAPER,
+    PROFILES,
+)
+from drivers.printers.transport import BAUD_RATES, FLOW_CONTROLS, PARITIES, parse_socket_url
 from gateway.core.errors import ConfigError, Detail
 from gateway.core.money import DEFAULT_VAT_RATES, RATE_RE
 from gateway.core.request import CURRENCY_RE, TILL_RE
@@ -76,8 +85,33 @@ class TillsSection:
 
 @dataclass(frozen=True, slots=True)
 class PrinterSection:
+    """The receipt printer (docs/printing.md)."""
+
     kind: str = "virtual"
     print_receipts: bool = True
+    device: str = ""
+    baud: int = 19200
+    parity: str = "none"
+    flow_control: str = "rtscts"
+    paper_width_mm: int = 80
+    profile: str = "epson-tm"
+    code_page: str = ""
+    qr_module_dots: int = 6
+    merchant: str = ""
+    address: tuple[str, ...] = ()
+    vat_id: str = ""
+    header: tuple[str, ...] = ()
+    footer: tuple[str, ...] = ()
+    cut: str = "partial"
+    feed_lines: int = 3
+    drawer_kick: bool = False
+    status_queries: bool = True
+    status_back: bool = False
+    status_timeout_s: float = 2.0
+    write_timeout_s: float = 10.0
+    confirm_timeout_s: float = 30.0
+    poll_s: float = 2.0
+    retry_max_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,13 +401,51 @@ def _validate(c: _Collector, cfg: Config) -> None:
     for i, till in enumerate(cfg.tills.allowed):
         if not TILL_RE.match(till):
             c.err(f"tills.allowed[{i}]", "is not a valid till id", "FORMAT")
-    if cfg.printer.kind not in ("virtual", "none"):
-        c.err("printer.kind", 'must be "virtual" or "none" (serial printers: see docs)', "RANGE")
+    _validate_printer(c, cfg.printer)
     if cfg.logging.level not in _LOG_LEVELS:
         c.err("logging.level", f"must be one of {', '.join(_LOG_LEVELS)}", "RANGE")
     if cfg.logging.format not in ("json", "text"):
         c.err("logging.format", 'must be "json" or "text"', "RANGE")
     _validate_mqtt(c, cfg.mqtt)
+
+
+PRINTER_KINDS = ("virtual", "none", "serial", "network", "file")
+
+
+def _validate_printer(c: _Collector, p: PrinterSection) -> None:
+    if p.kind not in PRINTER_KINDS:
+        c.err("printer.kind", f"must be one of {', '.join(PRINTER_KINDS)}", "RANGE")
+    if p.kind in ("serial", "file") and not p.device.startswith("/"):
+        c.err("printer.device", "must be an absolute path, e.g. /dev/serial/by-id/...", "RANGE")
+    if p.kind == "network":
+        try:
+            parse_socket_url(p.device)
+        except ValueError as exc:
+            c.err("printer.device", str(exc), "FORMAT")
+    if p.baud not in BAUD_RATES:
+        c.err("printer.baud", f"must be one of {', '.join(map(str, BAUD_RATES))}", "RANGE")
+    if p.parity not in PARITIES:
+        c.err("printer.parity", f"must be one of {', '.join(PARITIES)}", "RANGE")
+    if p.flow_control not in FLOW_CONTROLS:
+        why = " (Linux has no DSR/DTR output flow control)" if p.flow_control == "dsrdtr" else ""
+        c.err("printer.flow_control", f"must be one of {', '.join(FLOW_CONTROLS)}{why}", "RANGE")
+    if p.paper_width_mm not in PAPER:
+        c.err("printer.paper_width_mm", f"must be one of {', '.join(map(str, PAPER))}", "RANGE")
+    if p.profile not in PROFILES:
+        c.err("printer.profile", f"must be one of {', '.join(PROFILES)}", "RANGE")
+    if p.code_page and p.code_page not in CODE_PAGES:
+        c.err("printer.code_page", f"must be empty or one of {', '.join(CODE_PAGES)}", "RANGE")
+    if not MIN_MODULE_DOTS <= p.qr_module_dots <= MAX_MODULE_DOTS:
+        c.err("printer.qr_module_dots", f"must be {MIN_MODULE_DOTS}-{MAX_MODULE_DOTS}", "RANGE")
+    if p.cut not in CUTS:
+        c.err("printer.cut", f"must be one of {', '.join(CUTS)}", "RANGE")
+    if not 0 <= p.feed_lines <= 20:
+        c.err("printer.feed_lines", "must be 0-20", "RANGE")
+    _positive(c, "printer.status_timeout_s", p.status_timeout_s, 60)
+    _positive(c, "printer.write_timeout_s", p.write_timeout_s, 600)
+    _positive(c, "printer.confirm_timeout_s", p.confirm_timeout_s, 600)
+    _positive(c, "printer.poll_s", p.poll_s, 3600)
+    _positive(c, "printer.retry_max_s", p.retry_max_s, 3600)
 
 
 #: MQTT topic levels built from the prefix: no wildcards, no empty level, no ``$`` start.

@@ -1,1 +1,2 @@
-"""Receipt printers: document layout and transports (virtual printer today)."""
+"""Receipt printers: the ESC/POS encoder and status decoder (pure), transports (serial,
+network, file), one printer's device driver, and the virtual printer (docs/printing.md)."""

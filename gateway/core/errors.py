@@ -18,6 +18,10 @@
     ├── SigningHalted           SIGNING_HALTED: a request arrived while signing is halted
     ├── StorageError            STORAGE_ERROR: the disk refused a write; signing halts
     ├── KeyError_               KEY_ERROR: a signing key is missing or unsafe
+    ├── DeviceError             DEVICE_ERROR: a printer (or other device) failed; retryable:
+    │   │                       back off and try again, signing is never affected
+    │   ├── DeviceUnavailable       DEVICE_UNAVAILABLE    (cannot open, disconnected)
+    │   └── DeviceTimeout           DEVICE_TIMEOUT        (no answer / no progress in time)
     └── ConfigError             CONFIG_ERROR: bad configuration (exit 78)
 
 Codes are stable: clients and docs depend on them; messages may be improved.
@@ -117,3 +121,16 @@ class KeyError_(GatewayError):
 
 class ConfigError(GatewayError):
     code = "CONFIG_ERROR"
+
+
+class DeviceError(GatewayError):
+    code = "DEVICE_ERROR"
+    retryable = True
+
+
+class DeviceUnavailable(DeviceError):
+    code = "DEVICE_UNAVAILABLE"
+
+
+class DeviceTimeout(DeviceError):
+    code = "DEVICE_TIMEOUT"
