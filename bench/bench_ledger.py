@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--only", choices=["validation", "latency", "concurrent", "memory"])
+    ap.add_argument("--repeat", type=int, default=1, help="runs of the latency/concurrent phases")
     ap.add_argument(
         "--checkpoint-every", type=int, default=None, help="Ledger checkpoint_every_commits"
     )
@@ -224,20 +225,23 @@ def main() -> None:
     try:
         if args.only in (None, "validation"):
             bench_validation(min(args.n, 20_000))
-        if args.only in (None, "latency"):
-            asyncio.run(
-                bench_one_caller(workdir / "latency.db", args.n, args.warmup, args.processors)
-            )
-        if args.only in (None, "concurrent"):
-            asyncio.run(
-                bench_concurrent(
-                    workdir / "concurrent.db",
-                    args.n_conc,
-                    args.callers,
-                    args.tills,
-                    args.processors,
+        for r in range(args.repeat):  # each run on a fresh database
+            if args.only in (None, "latency"):
+                asyncio.run(
+                    bench_one_caller(
+                        workdir / f"latency-{r}.db", args.n, args.warmup, args.processors
+                    )
                 )
-            )
+            if args.only in (None, "concurrent"):
+                asyncio.run(
+                    bench_concurrent(
+                        workdir / f"concurrent-{r}.db",
+                        args.n_conc,
+                        args.callers,
+                        args.tills,
+                        args.processors,
+                    )
+                )
         if args.only in (None, "memory"):
             bench_rss(workdir, args.rss_n, args.tills, args.processors)
     finally:

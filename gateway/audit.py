@@ -15,11 +15,13 @@ first; otherwise the walk's own failure stands.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,8 @@ class DbReport:
     def records_per_s(self) -> float:
         return self.records / self.seconds if self.seconds > 0 else 0.0
 
+
+log = logging.getLogger("gateway.audit")
 
 #: Below this many records the worker processes cost more to start than they save.
 PARALLEL_MIN_RECORDS = 20_000
@@ -87,10 +91,17 @@ def verify_db(path: Path, *, workers: int | None = None) -> DbReport:
             for chain in reader.chains():
                 head = heads.get(chain)
                 cr = ChainReport(chain, 0, head.seq if head else 0)
+                if pool is not None:
+                    try:
+                        _walk_parallel(reader, chain, head, ring, pool, 2 * workers, cr)
+                    except (BrokenProcessPool, OSError) as exc:
+                        # no worker processes here (sandbox, limits): check in this process
+                        log.warning("signature workers failed (%s); verifying in-process", exc)
+                        pool.shutdown(cancel_futures=True)
+                        pool = None
+                        cr = ChainReport(chain, 0, head.seq if head else 0)
                 if pool is None:
                     _walk(reader, chain, head, ring.check_sig, cr)
-                else:
-                    _walk_parallel(reader, chain, head, ring, pool, 2 * workers, cr)
                 report.records += cr.records
                 report.chains.append(cr)
         finally:
