@@ -401,6 +401,7 @@ class PrintWorker:
             "status": st.to_json() if st else None,
         }
         if state == "ready":
+            self.last_error = None  # what the status page (and MQTT alerts) call a fault
             if previous != "starting":
                 log.info("printer recovered", extra={"code": "PRINTER_RECOVERED"})
                 self._event("PRINTER_RECOVERED", details)

@@ -237,6 +237,7 @@ class FakePrinter:
         self.documents: list[Decoded] = []
         self.raw = bytearray()
         self.status_queries = 0
+        self.asb_enabled = False  # GS a n received: status changes are sent unasked
         self._buf = bytearray()
         self._decoder: Decoder | None = None
         self._held: list[tuple[Decoded, list[str]]] = []  # printed once the paper is back
@@ -252,6 +253,10 @@ class FakePrinter:
             for k, v in sensors.items():
                 assert hasattr(self, k), k
                 setattr(self, k, v)
+            asb = self._asb() if self.asb_enabled and not self.silent else b""
+        if asb:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, asb)
 
     def printed(self) -> list[Decoded]:
         with self._lock:
@@ -282,6 +287,12 @@ class FakePrinter:
         if n == 3:
             return 0x12
         return 0x12 | (0x6C if self.paper_out else 0)
+
+    def _asb(self) -> bytes:
+        """An Automatic Status Back message for the current sensors."""
+        down = self.offline or self.paper_out or self.cover_open
+        b1 = 0x10 | (0x08 if down else 0) | (0x20 if self.cover_open else 0)
+        return bytes([b1, 0x00, 0x0F if self.paper_out else 0x00, 0x00])
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -321,6 +332,11 @@ class FakePrinter:
             if t[:2] == b"\x10\x04":  # real-time: answered at once, whatever the state
                 self.status_queries += 1
                 replies.append(self._status_byte(t[2]))
+                continue
+            if t[:2] == b"\x1da":  # ASB on or off; when on, the current status at once
+                self.asb_enabled = t[2] != 0
+                if self.asb_enabled:
+                    replies += self._asb()
                 continue
             if t == b"\x1b@" and self._decoder is not None and self._decoder.doc.cuts:
                 self._finish_document()

@@ -255,6 +255,25 @@ def test_file_transport_plain_file_collects_bytes_without_status(tmp_path: Path)
     assert oct(out.stat().st_mode & 0o777) == "0o600"
 
 
+def test_escpos_printer_automatic_status_back_tracks_paper_out(pty: Pty) -> None:
+    dev = EscposPrinter(
+        SerialTransport(pty.path, baud=115200, flow_control="none"),
+        PROFILES["epson-tm"],
+        Layout(status_back=True),
+    )
+    try:
+        dev.connect()  # sends GS a 15; the printer answers with its status at once
+        assert not dev.wait_confirmation("0001", 0.3)  # reading parses what arrived
+        assert dev.auto_status is not None and dev.auto_status.ready
+        pty.fake.set(paper_out=True)  # the printer reports the change unasked
+        assert not dev.wait_confirmation("0001", 0.3)
+        assert dev.auto_status.paper_out and dev.auto_status.problem == "paper out"
+        st = dev.status()  # DLE EOT answers are still told apart from ASB messages
+        assert st is not None and st.paper_out
+    finally:
+        dev.disconnect()
+
+
 # ---------------------------------------------------------------------- the print queue
 
 
@@ -282,6 +301,7 @@ async def test_print_worker_paper_out_pauses_queue_and_resumes_in_order(
     assert [name for name, _ in gw.events] == ["PRINTER_FAULT", "PRINTER_RECOVERED"]
     assert gw.events[0][1]["problem"] == "paper out"
     assert gw.worker.state == "ready" and gw.worker.printed == 4
+    assert gw.worker.last_error is None  # cleared on recovery (MQTT's printer_ok alert)
 
 
 async def test_print_worker_silent_printer_signing_unaffected(
