@@ -71,44 +71,54 @@ def verify_db(path: Path, *, workers: int | None = None) -> DbReport:
     t0 = time.perf_counter()
     report = DbReport()
     with Reader(path) as reader:
-        pems = list(reader.public_keys().values())
-        ring = KeyRing(pems)
-        heads = {h.chain: h for h in reader.heads()}
-        if workers is None:
-            cpus = os.cpu_count() or 1
-            large = sum(h.seq for h in heads.values()) >= PARALLEL_MIN_RECORDS
-            workers = cpus if cpus > 1 and large else 0
-        pool: Executor | None = None
-        if workers > 0:
-            # spawn, not fork: the caller may be a threaded daemon
-            pool = ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(pems,),
-            )
+        # One read transaction for the whole walk: the daemon may be signing meanwhile, and
+        # heads, keys and records must all come from the same committed state (WAL snapshot).
+        reader.conn.execute("BEGIN")
         try:
-            for chain in reader.chains():
-                head = heads.get(chain)
-                cr = ChainReport(chain, 0, head.seq if head else 0)
-                if pool is not None:
-                    try:
-                        _walk_parallel(reader, chain, head, ring, pool, 2 * workers, cr)
-                    except (BrokenProcessPool, OSError) as exc:
-                        # no worker processes here (sandbox, limits): check in this process
-                        log.warning("signature workers failed (%s); verifying in-process", exc)
-                        pool.shutdown(cancel_futures=True)
-                        pool = None
-                        cr = ChainReport(chain, 0, head.seq if head else 0)
-                if pool is None:
-                    _walk(reader, chain, head, ring.check_sig, cr)
-                report.records += cr.records
-                report.chains.append(cr)
+            _verify_all(reader, workers, report)
         finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+            reader.conn.execute("ROLLBACK")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _verify_all(reader: Reader, workers: int | None, report: DbReport) -> None:
+    pems = list(reader.public_keys().values())
+    ring = KeyRing(pems)
+    heads = {h.chain: h for h in reader.heads()}
+    if workers is None:
+        cpus = os.cpu_count() or 1
+        large = sum(h.seq for h in heads.values()) >= PARALLEL_MIN_RECORDS
+        workers = cpus if cpus > 1 and large else 0
+    pool: Executor | None = None
+    if workers > 0:
+        # spawn, not fork: the caller may be a threaded daemon
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(pems,),
+        )
+    try:
+        for chain in reader.chains():
+            head = heads.get(chain)
+            cr = ChainReport(chain, 0, head.seq if head else 0)
+            if pool is not None:
+                try:
+                    _walk_parallel(reader, chain, head, ring, pool, 2 * workers, cr)
+                except (BrokenProcessPool, OSError) as exc:
+                    # no worker processes here (sandbox, limits): check in this process
+                    log.warning("signature workers failed (%s); verifying in-process", exc)
+                    pool.shutdown(cancel_futures=True)
+                    pool = None
+                    cr = ChainReport(chain, 0, head.seq if head else 0)
+            if pool is None:
+                _walk(reader, chain, head, ring.check_sig, cr)
+            report.records += cr.records
+            report.chains.append(cr)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def _walk(
