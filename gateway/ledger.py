@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -625,6 +626,7 @@ class Ledger:
         group = _Group(self, conn)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            group.look_up_requests(jobs)
             for job in jobs:
                 group.run_job(job)
             group.write_heads()
@@ -697,6 +699,20 @@ def _distinct_chains(conn: sqlite3.Connection) -> list[str]:
     return chains
 
 
+#: Keys per request look-up query (two parameters each; SQLite allows 32,766).
+_LOOKUP_CHUNK = 256
+
+
+@functools.lru_cache(maxsize=16)
+def _lookup_sql(keys: int) -> str:
+    # a join, not "(client, request_id) IN (VALUES ...)": SQLite scans the table for that
+    values = ",".join(["(?, ?)"] * keys)  # only placeholders go into the text
+    return (
+        f"SELECT r.client, r.request_id, r.fingerprint, r.chain, r.seq FROM (VALUES {values}) "  # noqa: S608
+        "AS v JOIN requests AS r ON r.client = v.column1 AND r.request_id = v.column2"
+    )
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -767,6 +783,28 @@ class _Group:
         self.replays = 0
         self.now_ms = ledger.clock_ms()
         self.dynamic_claims: list[str] = []
+        # (client, request_id) -> (fingerprint, chain, seq) as committed before this group,
+        # for every entry of the group; None: look each one up as it comes
+        self.stored: dict[tuple[str, str], tuple[str, str, int]] | None = None
+
+    def look_up_requests(self, jobs: Sequence[_Job]) -> None:
+        """Find the stored requests of all the group's entries with one query, not one each.
+
+        Padded to a power of two so that few distinct statements reach the statement cache
+        (a repeated key only repeats a row). What the group itself adds is in ``requests``.
+        """
+        keys = list({(e.client, e.request_id) for job in jobs for e in job.entries})
+        if len(keys) < 2:
+            return
+        stored: dict[tuple[str, str], tuple[str, str, int]] = {}
+        for i in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = keys[i : i + _LOOKUP_CHUNK]
+            size = 1 << (len(chunk) - 1).bit_length()
+            chunk += [chunk[-1]] * (size - len(chunk))
+            rows = self.conn.execute(_lookup_sql(size), [x for key in chunk for x in key])
+            for client, request_id, fingerprint, chain, seq in rows:
+                stored[(client, request_id)] = (fingerprint, chain, seq)
+        self.stored = stored
 
     # WriterView
     def head(self, chain: str) -> ChainHead:
@@ -829,9 +867,13 @@ class _Group:
         pending = self.requests.get(key)
         if pending is not None:
             return self._replay(e, pending[0], pending[1])
-        row = self.conn.execute(
-            "SELECT fingerprint, chain, seq FROM requests WHERE client = ? AND request_id = ?", key
-        ).fetchone()
+        if self.stored is not None:
+            row = self.stored.get(key)
+        else:
+            row = self.conn.execute(
+                "SELECT fingerprint, chain, seq FROM requests WHERE client = ? AND request_id = ?",
+                key,
+            ).fetchone()
         if row is not None:
             stored = self.record(row[1], row[2])
             if stored is None:
