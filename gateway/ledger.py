@@ -78,6 +78,9 @@ class Signer(Protocol):
 class WriterView(Protocol):
     """What an entry's ``prepare`` hook may read, inside the writer's transaction."""
 
+    #: the clock reading of this group (a record's time: chain.record_time_ms(head, now_ms))
+    now_ms: int
+
     def head(self, chain: str) -> ChainHead: ...
 
     def record(self, chain: str, seq: int) -> Record | None: ...
@@ -190,6 +193,8 @@ class Ledger:
         self._commits_since_checkpoint = 0
         self.last_progress = time.monotonic()
         self.integrity_check = "not run"
+        #: why the last run did not close cleanly (None: it did), known once open() ran
+        self.unclean_reason: str | None = None
         self._check_thread: threading.Thread | None = None
         self._check_conn: sqlite3.Connection | None = None
 
@@ -204,7 +209,7 @@ class Ledger:
     def _open_sync(self) -> None:
         self._take_lock()
         try:
-            unclean = self._take_clean_mark()
+            unclean = self.unclean_reason = self._take_clean_mark()
             conn = connect(self.path, write=True)
         except BaseException:
             self._release_lock()
