@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from drivers.cloud.fiskaly import FiskalyClient, FiskalySettings, FiskalyUplink
 from drivers.printers.device import EscposPrinter
 from drivers.printers.escpos import PROFILES, Layout, encode_test_page
 from drivers.printers.transport import (
@@ -38,8 +39,10 @@ from drivers.printers.transport import (
 from drivers.printers.virtual import VirtualPrinter
 from drivers.signers.software import generate_key, load_signer
 from gateway import __version__
+from gateway.admin import AdminApi, read_token
 from gateway.config import Config, PrinterSection, load_config, parse_listen
 from gateway.core.errors import ConfigError, GatewayError, KeyError_
+from gateway.core.offline_budget import BudgetLimits
 from gateway.core.record import format_time
 from gateway.core.request import Rules
 from gateway.dispatch import Dispatcher
@@ -51,6 +54,7 @@ from gateway.printing import PrintWorker, reprinter
 from gateway.reads import ReadPool
 from gateway.sdnotify import Notifier
 from gateway.store import Reader
+from gateway.sync import EngineSettings, ProcessorSettings, SyncEngine
 from gateway.web import make_app
 
 log = logging.getLogger("gateway.app")
@@ -84,6 +88,8 @@ class App:
         self.http_runner: web.AppRunner | None = None
         self.http_address: str | None = None
         self.mqtt: MqttTransport | None = None
+        self.sync = SyncEngine(EngineSettings())
+        self.admin_token: str | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -106,8 +112,16 @@ class App:
         state = cfg.gateway.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         signer = self._load_key()
+        self.sync = sync = sync_engine(cfg)
+        if cfg.http.admin_token_file:
+            self.admin_token = read_token(cfg.path(cfg.http.admin_token_file))
         self.ledger = ledger = await Ledger.open(
-            cfg.db_path, signer, max_group=cfg.ledger.max_group, tail_verify=cfg.ledger.tail_verify
+            cfg.db_path,
+            signer,
+            max_group=cfg.ledger.max_group,
+            tail_verify=cfg.ledger.tail_verify,
+            processors=sync.processor_ids(),
+            is_offline=sync.is_offline,
         )
         if ledger.halted:
             log.error("SIGNING HALTED: %s", ledger.halted)
@@ -140,6 +154,7 @@ class App:
         cfg = self.cfg
         ledger = self.ledger
         assert ledger is not None and self.reads is not None
+        await self.sync.start(ledger, self.reads)
         self.printer = None
         if cfg.printer.kind == "virtual":
             self.printer = PrintWorker(
@@ -167,6 +182,7 @@ class App:
             status=self.status,
             spawn=lambda coro: tg.create_task(coro),
             lookup=self._lookup,
+            offline=self.sync if self.sync.processors else None,
         )
         self.dispatcher = dispatcher
         if self.printer is not None:
@@ -195,11 +211,9 @@ class App:
             await self.pos.start_tcp(host, port)
         if cfg.http.listen:
             host, port = parse_listen(cfg.http.listen)
-            runner = web.AppRunner(
-                make_app(dispatcher, ledger, max_body_bytes=cfg.http.max_body_bytes),
-                access_log=None,
-                handle_signals=False,
-            )
+            http_app = make_app(dispatcher, ledger, max_body_bytes=cfg.http.max_body_bytes)
+            AdminApi(self.sync, self.admin_token).add_routes(http_app)
+            runner = web.AppRunner(http_app, access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, host, port)
             await site.start()
@@ -215,6 +229,7 @@ class App:
                 resolve_path=cfg.path,
             )
             tg.create_task(self.mqtt.run())
+        tg.create_task(self.sync.run())
         tg.create_task(self._watchdog())
 
     def _install_signals(self) -> None:
@@ -286,7 +301,7 @@ class App:
             },
             "chains": chains,
             "outbox": outbox,
-            "offline": {"processors": []},
+            **(await self.sync.status()),
             "printer": {
                 "kind": self.cfg.printer.kind,
                 "queue": print_queue,
@@ -377,10 +392,61 @@ class App:
         if self.http_runner is not None:
             with contextlib.suppress(Exception):
                 await self.http_runner.cleanup()
+        with contextlib.suppress(Exception):
+            await self.sync.close()
         if self.ledger is not None:
             await self.ledger.close()
         if self.reads is not None:
             self.reads.close()
+
+
+def sync_engine(cfg: Config) -> SyncEngine:
+    """The sync engine with the processors ``cfg`` enables (docs/sync.md)."""
+    s = cfg.sync
+    engine = SyncEngine(
+        EngineSettings(
+            limits=BudgetLimits(
+                max_records=s.max_pending_records,
+                warn_records=s.warn_pending_records,
+                max_age_s=s.max_offline_age_s,
+                warn_age_s=s.warn_offline_age_s,
+                policy=s.offline_policy,
+            ),
+            alert_failure_rate=s.alert_failure_rate,
+            flush_interval_s=s.flush_interval_s,
+        )
+    )
+    f = cfg.fiskaly
+    if f.enabled:
+        try:
+            key = cfg.path(f.api_key_file).read_text("utf-8").strip()
+            secret = cfg.path(f.api_secret_file).read_text("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"fiskaly: cannot read the API key or secret file: {exc}") from None
+        client = FiskalyClient(
+            FiskalySettings(
+                base_url=f.base_url,
+                api_key=key,
+                api_secret=secret,
+                system_id=f.system_id,
+                api_version=f.api_version,
+                connect_timeout_s=f.connect_timeout_s,
+                read_timeout_s=f.read_timeout_s,
+                total_timeout_s=f.total_timeout_s,
+                token_refresh_margin_s=f.token_refresh_margin_s,
+                retry_attempts=f.retry_attempts,
+                retry_min_s=f.retry_min_s,
+                retry_max_s=f.retry_max_s,
+                busy_max_wait_s=f.busy_max_wait_s,
+            )
+        )
+        engine.register(
+            FiskalyUplink(client),
+            ProcessorSettings(
+                interval_s=f.interval_s, probe_min_s=f.probe_min_s, probe_max_s=f.probe_max_s
+            ),
+        )
+    return engine
 
 
 def escpos_printer(p: PrinterSection) -> EscposPrinter:

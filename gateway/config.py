@@ -19,6 +19,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from drivers.printers.escpos import (
     CODE_PAGES,
@@ -29,6 +30,7 @@ from drivers.printers.escpos import (
     PROFILES,
 )
 from drivers.printers.transport import BAUD_RATES, FLOW_CONTROLS, PARITIES, parse_socket_url
+from gateway.core.closing import parse_closing_time, parse_year_end
 from gateway.core.errors import ConfigError, Detail
 from gateway.core.money import DEFAULT_VAT_RATES, RATE_RE
 from gateway.core.request import CURRENCY_RE, TILL_RE
@@ -153,6 +155,58 @@ class MqttSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncSection:
+    """The sync engine and the offline budget of every chain (docs/sync.md)."""
+
+    max_pending_records: int = 9999
+    warn_pending_records: int = 5000
+    max_offline_age_s: float = 172800.0
+    warn_offline_age_s: float = 86400.0
+    offline_policy: str = "warn"
+    alert_failure_rate: float = 0.1
+    flush_interval_s: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class FiskalySection:
+    """The ``france/fiskaly`` real-time uplink to fiskaly SIGN FR (docs/sync.md)."""
+
+    enabled: bool = False
+    base_url: str = ""
+    api_key_file: str = ""
+    api_secret_file: str = ""
+    api_version: str = "2026-02-03"
+    system_id: str = ""
+    interval_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    total_timeout_s: float = 30.0
+    token_refresh_margin_s: float = 60.0
+    retry_attempts: int = 3
+    retry_min_s: float = 0.2
+    retry_max_s: float = 5.0
+    busy_max_wait_s: float = 60.0
+    probe_min_s: float = 1.0
+    probe_max_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class JournalSection:
+    """The fiscal journal: closings, technical events, clock, archives (docs/events.md,
+    docs/record-format.md "Closings", docs/export-format.md "Archives")."""
+
+    time_zone: str = "UTC"
+    closing_time: str = "04:00"
+    monthly_closing: bool = True
+    yearly_closing: bool = True
+    fiscal_year_end: str = "12-31"
+    clock_jump_threshold_s: float = 300.0
+    event_window_s: float = 60.0
+    archive_period: str = "MONTHLY"
+    archive_dir: str = "archives"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     signing: SigningSection = field(default_factory=SigningSection)
@@ -163,6 +217,9 @@ class Config:
     printer: PrinterSection = field(default_factory=PrinterSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    fiskaly: FiskalySection = field(default_factory=FiskalySection)
+    journal: JournalSection = field(default_factory=JournalSection)
     source_sha256: str = ""
 
     def path(self, value: str) -> Path:
@@ -215,6 +272,9 @@ def _section_types() -> dict[str, type]:
         "printer": PrinterSection,
         "logging": LoggingSection,
         "mqtt": MqttSection,
+        "sync": SyncSection,
+        "fiskaly": FiskalySection,
+        "journal": JournalSection,
     }
 
 
@@ -331,11 +391,19 @@ _CREDENTIAL_KEYS = (
     "mqtt.cert_file",
     "mqtt.key_file",
     "mqtt.password_file",
+    "fiskaly.api_key_file",
+    "fiskaly.api_secret_file",
 )
 
 
 def _check_paths(c: _Collector, cfg: Config) -> None:
-    optional = ("http.admin_token_file", "logging.file", *_MQTT_FILE_KEYS)
+    optional = (
+        "http.admin_token_file",
+        "logging.file",
+        *_MQTT_FILE_KEYS,
+        "fiskaly.api_key_file",
+        "fiskaly.api_secret_file",
+    )
     for key in ("signing.key_file", "ledger.database", "pos.socket", *optional):
         section, _, name = key.partition(".")
         value: str = getattr(getattr(cfg, section), name)
@@ -407,6 +475,9 @@ def _validate(c: _Collector, cfg: Config) -> None:
     if cfg.logging.format not in ("json", "text"):
         c.err("logging.format", 'must be "json" or "text"', "RANGE")
     _validate_mqtt(c, cfg.mqtt)
+    _validate_sync(c, cfg.sync)
+    _validate_fiskaly(c, cfg.fiskaly)
+    _validate_journal(c, cfg.journal)
 
 
 PRINTER_KINDS = ("virtual", "none", "serial", "network", "file")
@@ -489,6 +560,98 @@ def _validate_mqtt(c: _Collector, m: MqttSection) -> None:
     _positive(c, "mqtt.reconnect_max_s", m.reconnect_max_s, 3600)
     if m.reconnect_min_s > m.reconnect_max_s:
         c.err("mqtt.reconnect_min_s", "must not exceed mqtt.reconnect_max_s", "RANGE")
+
+
+def _validate_sync(c: _Collector, s: SyncSection) -> None:
+    if not 1 <= s.max_pending_records <= 9999:
+        c.err(
+            "sync.max_pending_records",
+            "must be 1-9999 (X-Replay-Remaining has 4 digits)",
+            "RANGE",
+        )
+    if not 1 <= s.warn_pending_records <= max(1, s.max_pending_records):
+        c.err("sync.warn_pending_records", "must be 1-sync.max_pending_records", "RANGE")
+    _positive(c, "sync.max_offline_age_s", s.max_offline_age_s, 366 * 86400)
+    _positive(c, "sync.warn_offline_age_s", s.warn_offline_age_s, 366 * 86400)
+    if s.warn_offline_age_s > s.max_offline_age_s:
+        c.err("sync.warn_offline_age_s", "must not exceed sync.max_offline_age_s", "RANGE")
+    if s.offline_policy not in ("warn", "block"):
+        c.err("sync.offline_policy", 'must be "warn" or "block"', "RANGE")
+    _positive(c, "sync.alert_failure_rate", s.alert_failure_rate, 1.0)
+    _positive(c, "sync.flush_interval_s", s.flush_interval_s, 60)
+
+
+_UUID7_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_API_VERSION_RE = re.compile(r"[0-9]{4}-(0[1-9]|1[012])-(0[1-9]|[12][0-9]|3[01])")
+
+
+def _validate_fiskaly(c: _Collector, f: FiskalySection) -> None:
+    if f.enabled:
+        for key in ("api_key_file", "api_secret_file"):
+            if not getattr(f, key):
+                c.err(f"fiskaly.{key}", "is required when fiskaly.enabled = true", "REQUIRED")
+        if not _UUID7_RE.fullmatch(f.system_id):
+            c.err("fiskaly.system_id", "must be the System's id, a lowercase UUID v7", "FORMAT")
+    if f.enabled or f.base_url:
+        m = re.fullmatch(r"(https?)://([^/:]+|\[[0-9a-fA-F:]+\])(:\d{1,5})?(/[^\s]*)?", f.base_url)
+        if m is None:
+            c.err("fiskaly.base_url", "must be an http(s)://host[:port][/path] URL", "FORMAT")
+        elif m.group(1) == "http" and not is_loopback(m.group(2).strip("[]")):
+            c.err(
+                "fiskaly.base_url",
+                "must be https (plain http only to a loopback simulator)",
+                "RANGE",
+            )
+    if not _API_VERSION_RE.fullmatch(f.api_version):
+        c.err("fiskaly.api_version", "must be a date YYYY-MM-DD", "FORMAT")
+    _positive(c, "fiskaly.interval_s", f.interval_s, 86400)
+    _positive(c, "fiskaly.connect_timeout_s", f.connect_timeout_s, 600)
+    _positive(c, "fiskaly.read_timeout_s", f.read_timeout_s, 600)
+    _positive(c, "fiskaly.total_timeout_s", f.total_timeout_s, 600)
+    if f.total_timeout_s < max(f.connect_timeout_s, f.read_timeout_s):
+        c.err(
+            "fiskaly.total_timeout_s",
+            "must be at least connect_timeout_s and read_timeout_s",
+            "RANGE",
+        )
+    if not 0 <= f.token_refresh_margin_s <= 3600:
+        c.err("fiskaly.token_refresh_margin_s", "must be 0-3600", "RANGE")
+    if not 1 <= f.retry_attempts <= 20:
+        c.err("fiskaly.retry_attempts", "must be 1-20", "RANGE")
+    _positive(c, "fiskaly.retry_min_s", f.retry_min_s, 600)
+    _positive(c, "fiskaly.retry_max_s", f.retry_max_s, 3600)
+    if f.retry_min_s > f.retry_max_s:
+        c.err("fiskaly.retry_min_s", "must not exceed fiskaly.retry_max_s", "RANGE")
+    _positive(c, "fiskaly.busy_max_wait_s", f.busy_max_wait_s, 3600)
+    _positive(c, "fiskaly.probe_min_s", f.probe_min_s, 3600)
+    _positive(c, "fiskaly.probe_max_s", f.probe_max_s, 86400)
+    if f.probe_min_s > f.probe_max_s:
+        c.err("fiskaly.probe_min_s", "must not exceed fiskaly.probe_max_s", "RANGE")
+
+
+ARCHIVE_PERIODS = ("MONTHLY", "YEARLY", "")
+
+
+def _validate_journal(c: _Collector, j: JournalSection) -> None:
+    try:
+        ZoneInfo(j.time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        c.err("journal.time_zone", "must be an IANA time zone such as Europe/Paris", "RANGE")
+    if j.closing_time:
+        try:
+            parse_closing_time(j.closing_time)
+        except ValueError as exc:
+            c.err("journal.closing_time", f"{exc} (or empty: no scheduled closings)", "FORMAT")
+    try:
+        parse_year_end(j.fiscal_year_end)
+    except ValueError as exc:
+        c.err("journal.fiscal_year_end", f"{exc}, a day every year has", "FORMAT")
+    _positive(c, "journal.clock_jump_threshold_s", j.clock_jump_threshold_s, 366 * 86400)
+    _positive(c, "journal.event_window_s", j.event_window_s, 86400)
+    if j.archive_period not in ARCHIVE_PERIODS:
+        c.err("journal.archive_period", 'must be "MONTHLY", "YEARLY" or "" (off)', "RANGE")
+    if j.archive_period and not j.archive_dir:
+        c.err("journal.archive_dir", "must be a directory when archives are made", "RANGE")
 
 
 def load_config(

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.core.documents import (
     cancellation_payload,
@@ -51,6 +51,9 @@ from gateway.core.request import Rules, request_fingerprint, validate_sale
 from gateway.jobs import Job, JobRegistry
 from gateway.ledger import Entry, Ledger, Outcome, Signed, Skipped, WriterView
 
+if TYPE_CHECKING:
+    from gateway.core.offline_budget import Budget
+
 log = logging.getLogger("gateway.dispatch")
 
 #: Async batches are processed in chunks this size so progress can be reported.
@@ -68,6 +71,7 @@ HTTP_STATUS = {
     "STORAGE_ERROR": 503,
     "INTEGRITY_ERROR": 503,
     "INTERNAL_ERROR": 500,
+    "OFFLINE_LIMIT_REACHED": 503,
 }
 
 SHORT_TYPES = {
@@ -156,6 +160,19 @@ def _prepare_reprint(req: ReprintRequest, view: WriterView) -> dict[str, Any]:
     return payload
 
 
+class OfflineHooks(Protocol):
+    """What the sync engine adds to signing (gateway.sync.SyncEngine; docs/sync.md)."""
+
+    def guard(self, entry: Entry) -> Entry:
+        """The entry, refused in the writer when its chain's offline budget is spent."""
+
+    def signed(self, records: list[Record]) -> None:
+        """Records were signed: wake the uplinks."""
+
+    async def budget(self, chain: str) -> Budget | None:
+        """The chain's offline budget now (None: no cloud uplink configured)."""
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -168,6 +185,7 @@ class Dispatcher:
         status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         spawn: Callable[[Coroutine[Any, Any, None]], Any] | None = None,
         lookup: Callable[[str, int], Awaitable[tuple[str, bool] | None]] | None = None,
+        offline: OfflineHooks | None = None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.ledger = ledger
@@ -178,6 +196,7 @@ class Dispatcher:
         self._status = status
         self._spawn = spawn
         self._lookup = lookup
+        self.offline = offline
         self.clock_ms = clock_ms
         self.jobs = JobRegistry()
 
@@ -208,7 +227,13 @@ class Dispatcher:
                     "seq": signed.record.seq,
                 },
             )
-            return record_reply(rid, signed)
+            reply = record_reply(rid, signed)
+            if self.offline is not None:
+                self.offline.signed([signed.record])
+                budget = await self.offline.budget(signed.record.chain)
+                if budget is not None:
+                    reply["offline_budget"] = budget.to_json()
+            return reply
         except GatewayError as exc:
             log.info("request refused: %s", exc.code, extra={"request_id": rid, "code": exc.code})
             return error_reply(rid, exc)
@@ -256,7 +281,7 @@ class Dispatcher:
         self._check_till(till)
         rid = request_id or rid
         fingerprint = request_fingerprint({**req, "id": rid})
-        return Entry(
+        entry = Entry(
             till,
             till,
             rid,
@@ -267,6 +292,7 @@ class Dispatcher:
             print_job=self.print_documents,
             claims=claims,
         )
+        return entry if self.offline is None else self.offline.guard(entry)
 
     # ------------------------------------------------------------------ batch
 
@@ -287,6 +313,7 @@ class Dispatcher:
                 "job": {**job.to_json(), "progressOp": {"op": "job", "jobId": job.job_id}},
             }
         result = await self.run_batch(batch)
+        self._batch_signed(result)
         return {"id": batch.request_id, "ok": True, "batch": result}
 
     async def _run_job(self, job: Job, batch: BatchRequest) -> None:
@@ -294,6 +321,7 @@ class Dispatcher:
         job.started_at = format_time(self.clock_ms())
         try:
             job.batch = await self.run_batch(batch, job=job)
+            self._batch_signed(job.batch)
             job.status = "completed"
         except asyncio.CancelledError:
             job.status = "failed"
@@ -407,6 +435,16 @@ class Dispatcher:
                     f"operations[{i}]: {ref['chain']} seq {ref['seq']} is "
                     "already cancelled or corrected"
                 )
+
+    def _batch_signed(self, result: dict[str, Any]) -> None:
+        if self.offline is None:
+            return
+        records = [
+            Record.from_body(r["record"], r["record"]["hash"], r["record"]["sig"])
+            for r in result.get("results", [])
+            if r.get("success") and "record" in r and not r.get("replayed")
+        ]
+        self.offline.signed(records)
 
     @staticmethod
     def _progress(job: Job, outcomes: list[Outcome | None]) -> None:

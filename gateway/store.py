@@ -22,7 +22,7 @@ from pathlib import Path
 from gateway.core.errors import IntegrityError, StorageError
 from gateway.core.verify import StoredRecord
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates from version i to i+1; never edit a shipped migration, add one.
 MIGRATIONS: tuple[str, ...] = (
@@ -89,6 +89,39 @@ MIGRATIONS: tuple[str, ...] = (
         chain       TEXT NOT NULL,
         seq         INTEGER NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # 3: sync engine (docs/sync.md): the cloud id of a record's first call when a later call
+    # failed (so a retry after the cloud's 24 h idempotency window makes no duplicate), the
+    # uplink state per processor and chain, and one row per processor run (24 h stats)
+    """
+    ALTER TABLE outbox ADD COLUMN cloud_ref TEXT;
+    CREATE TABLE sync_uplink (
+        processor      TEXT NOT NULL,
+        chain          TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        since_ms       INTEGER NOT NULL,
+        failures       INTEGER NOT NULL DEFAULT 0,
+        next_probe_ms  INTEGER NOT NULL DEFAULT 0,
+        last_error     TEXT,
+        PRIMARY KEY (processor, chain)
+    ) WITHOUT ROWID;
+    CREATE TABLE sync_runs (
+        id               INTEGER PRIMARY KEY,
+        processor        TEXT NOT NULL,
+        started_ms       INTEGER NOT NULL,
+        trigger          TEXT NOT NULL,
+        batches_created  INTEGER NOT NULL,
+        batches_retried  INTEGER NOT NULL,
+        accepted         INTEGER NOT NULL,
+        rejected         INTEGER NOT NULL,
+        failed           INTEGER NOT NULL,
+        errors_count     INTEGER NOT NULL,
+        failure_rate     REAL NOT NULL,
+        alert_triggered  INTEGER NOT NULL,
+        duration_ms      INTEGER NOT NULL,
+        run_error        TEXT
+    );
+    CREATE INDEX sync_runs_time ON sync_runs (processor, started_ms);
     """,
 )
 

@@ -11,8 +11,10 @@
     │   ├── UnknownTill             UNKNOWN_TILL
     │   ├── NotFound                NOT_FOUND
     │   ├── Conflict                CONFLICT              (e.g. cancelling twice)
-    │   └── Busy                    BUSY                  (one till has too many requests
-    │                                                      in flight; retry, same id)
+    │   ├── Busy                    BUSY                  (one till has too many requests
+    │   │                                                  in flight; retry, same id)
+    │   └── OfflineLimitReached     OFFLINE_LIMIT_REACHED (the chain's offline budget is
+    │                                                      spent and the policy is block)
     ├── IntegrityError          INTEGRITY_ERROR: the chain or the database is not what we
     │                           wrote; signing halts until a technician intervenes
     ├── SigningHalted           SIGNING_HALTED: a request arrived while signing is halted
@@ -22,6 +24,14 @@
     │   │                       back off and try again, signing is never affected
     │   ├── DeviceUnavailable       DEVICE_UNAVAILABLE    (cannot open, disconnected)
     │   └── DeviceTimeout           DEVICE_TIMEOUT        (no answer / no progress in time)
+    ├── CloudError              CLOUD_ERROR: a fiscal cloud call failed (docs/sync.md);
+    │   │                       signing is never affected
+    │   ├── CloudUnavailable        CLOUD_UNAVAILABLE     (connect error, timeout, dropped
+    │   │                                                  connection, 5xx: goes offline)
+    │   ├── CloudBusy               CLOUD_BUSY            (409/429 outlasted its wait)
+    │   ├── CloudAuthFailed         CLOUD_AUTH_FAILED     (credentials refused)
+    │   └── CloudRejected           CLOUD_REJECTED        (422/400/other 4xx: permanent,
+    │                                                      not retryable)
     └── ConfigError             CONFIG_ERROR: bad configuration (exit 78)
 
 Codes are stable: clients and docs depend on them; messages may be improved.
@@ -134,3 +144,39 @@ class DeviceUnavailable(DeviceError):
 
 class DeviceTimeout(DeviceError):
     code = "DEVICE_TIMEOUT"
+
+
+class OfflineLimitReached(RequestError):
+    """The chain's offline budget is spent (policy ``block``, or the 9,999-record ceiling of
+    the replay counter); nothing was signed. Retry once the uplink has caught up."""
+
+    code = "OFFLINE_LIMIT_REACHED"
+    retryable = True
+
+
+class CloudError(GatewayError):
+    code = "CLOUD_ERROR"
+    retryable = True
+
+
+class CloudUnavailable(CloudError):
+    code = "CLOUD_UNAVAILABLE"
+
+
+class CloudBusy(CloudError):
+    code = "CLOUD_BUSY"
+
+
+class CloudAuthFailed(CloudError):
+    code = "CLOUD_AUTH_FAILED"
+
+
+class CloudRejected(CloudError):
+    """The cloud refused the request for good (HTTP ``status``); never retried."""
+
+    code = "CLOUD_REJECTED"
+    retryable = False
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,1 @@
+"""Fiscal cloud APIs: one module per API, plus its loopback simulator."""

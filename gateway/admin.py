@@ -1,0 +1,109 @@
+"""The admin API of the sync engine (seed 000, docs/sync.md), on the local web server.
+
+- ``POST /v1/admin/process-pending``: run every registered processor now; **200** with
+  ``results[]`` when every run succeeded, **207** when any failed (an item failed or was
+  rejected, or the cloud could not be reached). Fields exactly as the seed.
+- ``GET /v1/admin/batch-stats``: ``stats[]``, per processor the sums of its runs over the
+  last 24 hours, with ``since`` (the start of that window).
+- ``POST /v1/admin/sync/resume`` ``{"processor", "chain"}``: resume a chain whose uplink was
+  stopped by a permanent rejection (the rejected record stays set aside).
+
+Every request needs ``Authorization: Bearer <token>``, the token read once at start-up from
+``http.admin_token_file`` and compared in constant time (``hmac.compare_digest``). A wrong or
+missing token — or no token configured — gets 401 before anything is looked at, so nothing
+changes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.core.errors import ConfigError
+from gateway.sync import SyncEngine
+
+log = logging.getLogger("gateway.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def read_token(path: Path) -> str:
+    """The admin token from its file (whitespace around it ignored); ConfigError if unusable."""
+    try:
+        token = path.read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"http.admin_token_file: cannot read {path}: {exc}") from None
+    if len(token) < 16:
+        raise ConfigError(f"http.admin_token_file: {path} holds fewer than 16 characters")
+    return token
+
+
+class AdminApi:
+    def __init__(self, engine: SyncEngine, token: str | None) -> None:
+        self.engine = engine
+        self._token = token.encode("utf-8") if token else None
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/admin/process-pending", self._auth(self.process_pending))
+        app.router.add_get("/v1/admin/batch-stats", self._auth(self.batch_stats))
+        app.router.add_post("/v1/admin/sync/resume", self._auth(self.resume))
+
+    def _authorized(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if self._token is None or scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(presented.strip().encode("utf-8"), self._token)
+
+    def _auth(self, handler: Handler) -> Handler:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            if not self._authorized(request):
+                log.warning(
+                    "admin request refused: bad or missing token", extra={"path": request.path}
+                )
+                return web.json_response(
+                    {
+                        "error": {
+                            "code": "UNAUTHORIZED",
+                            "message": "a valid admin bearer token is required",
+                        }
+                    },
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="fiscal-gateway admin"'},
+                )
+            return await handler(request)
+
+        return checked
+
+    async def process_pending(self, request: web.Request) -> web.Response:
+        runs = await self.engine.process_pending()
+        status = 200 if all(r.succeeded for r in runs) else 207
+        return web.json_response({"results": [r.result_json() for r in runs]}, status=status)
+
+    async def batch_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"stats": await self.engine.batch_stats()})
+
+    async def resume(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+            processor, chain = body["processor"], body["chain"]
+            if not isinstance(processor, str) or not isinstance(chain, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response(
+                {"error": {"code": "VALIDATION_ERROR", "message": 'body: {"processor", "chain"}'}},
+                status=400,
+            )
+        try:
+            uplink = await self.engine.resume(processor, chain)
+        except KeyError:
+            return web.json_response(
+                {"error": {"code": "NOT_FOUND", "message": f"no processor {processor}"}},
+                status=404,
+            )
+        return web.json_response({"processor": processor, "chain": chain, "uplink": uplink.state})
