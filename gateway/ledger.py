@@ -15,17 +15,20 @@ transaction as the records): the head record exists, nothing lies beyond it, and
 signing (:class:`SigningHalted` for every request) until a technician intervenes; the daemon
 can still serve status. Storage errors while committing halt signing the same way.
 
-The integrity check is SQLite's ``PRAGMA quick_check``, which reads every page: about 2 s per
-million records on a small box, too slow to wait for at every start. So it runs *before*
-ready only when the file may have been damaged since we last saw it whole — the previous
-run did not close cleanly (crash, kill, power loss), or the file is not the one a clean close
-left (its inode, size, mtime or ctime differ, or a WAL with content is there). A clean
-:meth:`Ledger.close` records that identity in ``<db>.clean``; :meth:`Ledger.open` removes it
-before anything is written. After a clean close the check runs in a background thread right
-after open, on its own read-only connection, and a failure halts signing exactly as a
-failure before ready would; only what is signed in those seconds precedes the verdict, and
-those records are chained and verified like any other. ``integrity_check`` says which path
-was taken and how it ended (status page, docs/performance.md).
+The integrity check is SQLite's ``PRAGMA quick_check``, which reads every page: with a
+million records about 1 s once the file is in the page cache (it is read sequentially into
+the cache first, :func:`gateway.store.warm_page_cache`, 0.6 s cold), too slow to wait for at
+every start. So it runs *before* ready only when the file may have been damaged since we
+last saw it whole — the previous run did not close cleanly (crash, kill, power loss), or the
+file is not the one a clean close left (its inode, size, mtime or ctime differ, or a WAL with
+content is there); then it runs on its own thread, overlapping the tail check, and open()
+waits for it. A clean :meth:`Ledger.close` records that identity in ``<db>.clean``;
+:meth:`Ledger.open` removes it before anything is written. After a clean close the check
+runs in a background thread right after open, on its own read-only connection, and a failure
+halts signing exactly as a failure before ready would; only what is signed in those seconds
+precedes the verdict, and those records are chained and verified like any other.
+``integrity_check`` says which path was taken and how it ended (status page,
+docs/performance.md).
 
 What this module leaves to others: request validation (gateway.core.request), the decision
 of what a request means (the dispatcher), and draining outbox/print queues (their workers).
