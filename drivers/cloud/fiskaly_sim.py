@@ -36,7 +36,8 @@ timeout (processed afterwards), connections dropped after the request was proces
 until :meth:`FiskalySim.up`.
 
 Run standalone (benchmarks, demo): ``python -m drivers.cloud.fiskaly_sim --port 8700``;
-``GET /_sim/stats`` and ``POST /_sim/control`` drive it from outside.
+``GET /_sim/stats`` and ``POST /_sim/control`` drive it from outside, and SIGUSR1 / SIGUSR2
+close / reopen its listener (a cloud outage) even while nothing can reach it.
 """
 
 from __future__ import annotations
@@ -719,6 +720,9 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
+        # from outside while the listener is closed: SIGUSR1 takes it down, SIGUSR2 up
+        loop.add_signal_handler(signal.SIGUSR1, lambda: sim._spawn(sim.down()))
+        loop.add_signal_handler(signal.SIGUSR2, lambda: sim._spawn(sim.up()))
         try:
             await stop.wait()
         finally:
