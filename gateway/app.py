@@ -46,6 +46,7 @@ from gateway.core.offline_budget import BudgetLimits
 from gateway.core.record import format_time
 from gateway.core.request import Rules
 from gateway.dispatch import Dispatcher
+from gateway.journal import FiscalJournal
 from gateway.ledger import Ledger
 from gateway.logs import setup_logging
 from gateway.mqtt import MqttTransport
@@ -90,6 +91,8 @@ class App:
         self.mqtt: MqttTransport | None = None
         self.sync = SyncEngine(EngineSettings())
         self.admin_token: str | None = None
+        self.journal: FiscalJournal | None = None
+        self.key_generated: str | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -104,6 +107,7 @@ class App:
             log.warning(
                 "generated a new signing key %s at %s (mode 0600); back it up", signer.key_id, path
             )
+            self.key_generated = signer.key_id
             return signer
         return load_signer(path)
 
@@ -115,9 +119,12 @@ class App:
         self.sync = sync = sync_engine(cfg)
         if cfg.http.admin_token_file:
             self.admin_token = read_token(cfg.path(cfg.http.admin_token_file))
+        # clock, events, closings, archives (its clock is the ledger's: CLOCK_JUMP events)
+        self.journal = journal = FiscalJournal(cfg, key_generated=self.key_generated)
         self.ledger = ledger = await Ledger.open(
             cfg.db_path,
             signer,
+            clock_ms=journal.clock.now_ms,
             max_group=cfg.ledger.max_group,
             tail_verify=cfg.ledger.tail_verify,
             processors=sync.processor_ids(),
@@ -142,6 +149,7 @@ class App:
                 self.notifier.notify("STOPPING=1", "STATUS=stopping")
                 log.info("stopping")
                 await self._stop_listeners()
+                await journal.stop()
                 raise _Stop
         except* _Stop:
             pass
@@ -155,6 +163,15 @@ class App:
         ledger = self.ledger
         assert ledger is not None and self.reads is not None
         await self.sync.start(ledger, self.reads)
+        journal = self.journal
+        assert journal is not None
+        # start-up records and the closings missed while the box was off, before the POS
+        await journal.start(
+            ledger,
+            self.reads,
+            guard=self.sync.guard if self.sync.processors else None,
+            on_signed=self.sync.signed,
+        )
         self.printer = None
         if cfg.printer.kind == "virtual":
             self.printer = PrintWorker(
@@ -162,6 +179,7 @@ class App:
                 self.reads,
                 VirtualPrinter(cfg.gateway.state_dir / "printer" / "virtual-printer.txt"),
                 header=cfg.gateway.id,
+                on_event=journal.printer_event,
             )
         elif cfg.printer.kind in ("serial", "network", "file"):
             self.printer = PrintWorker(
@@ -171,7 +189,7 @@ class App:
                 poll_s=cfg.printer.poll_s,
                 confirm_timeout_s=cfg.printer.confirm_timeout_s,
                 retry_max_s=cfg.printer.retry_max_s,
-                # Technical-event records for printer faults hook in here (on_event).
+                on_event=journal.printer_event,
             )
         dispatcher = Dispatcher(
             ledger,
@@ -183,6 +201,7 @@ class App:
             spawn=lambda coro: tg.create_task(coro),
             lookup=self._lookup,
             offline=self.sync if self.sync.processors else None,
+            clock_ms=journal.clock.now_ms,
         )
         self.dispatcher = dispatcher
         if self.printer is not None:
@@ -231,6 +250,7 @@ class App:
             tg.create_task(self.mqtt.run())
         tg.create_task(self.sync.run())
         tg.create_task(self._watchdog())
+        journal.tasks(tg)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -323,6 +343,7 @@ class App:
             },
             "jobs": {"active": self.dispatcher.jobs.active()},
             "mqtt": self.mqtt.state() if self.mqtt else {"enabled": False},
+            "journal": self.journal.status() if self.journal else {},
         }
 
     async def _watchdog(self) -> None:
@@ -372,6 +393,8 @@ class App:
                 new, f.name
             ) != getattr(self.cfg, f.name):
                 log.warning("config section [%s] changed; restart to apply it", f.name)
+        if self.journal is not None:
+            self.journal.config_reloaded(self.cfg.source_sha256, new.source_sha256)
         self.cfg = dataclasses.replace(
             self.cfg, tills=new.tills, logging=new.logging, source_sha256=new.source_sha256
         )

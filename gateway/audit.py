@@ -2,7 +2,9 @@
 
 Walks every chain from seq 1 with the core verifier, using the public keys stored in the
 database, and checks each chain ends exactly at its committed head (so deleted tail records
-are found too). Read-only: it opens its own read-only connection and changes nothing.
+are found too). The journal rules (closings, references: gateway.core.journal_rules) are
+checked on the same walk, from the bodies the verifier accepted. Read-only: it opens its own
+read-only connection and changes nothing.
 
 Every signature is checked, but on a large database not in this process: the ECDSA checks
 (about two thirds of the work) go, in chunks and in order, to worker processes on the other
@@ -20,12 +22,14 @@ import multiprocessing
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from drivers.signers.software import KeyRing
+from gateway.core.journal_rules import JournalChecker, JournalState
 from gateway.core.verify import ChainVerifier, CheckSig, VerifyFailure
 from gateway.store import Head, Reader
 
@@ -36,6 +40,7 @@ class ChainReport:
     records: int
     head_seq: int
     failure: VerifyFailure | None = None
+    closings: int = 0
 
 
 @dataclass(slots=True)
@@ -99,13 +104,14 @@ def _verify_all(reader: Reader, workers: int | None, report: DbReport) -> None:
             initializer=_init_worker,
             initargs=(pems,),
         )
+    journal = JournalState()  # references may cross chains
     try:
         for chain in reader.chains():
             head = heads.get(chain)
             cr = ChainReport(chain, 0, head.seq if head else 0)
             if pool is not None:
                 try:
-                    _walk_parallel(reader, chain, head, ring, pool, 2 * workers, cr)
+                    _walk_parallel(reader, chain, head, ring, pool, 2 * workers, cr, journal)
                 except (BrokenProcessPool, OSError) as exc:
                     # no worker processes here (sandbox, limits): check in this process
                     log.warning("signature workers failed (%s); verifying in-process", exc)
@@ -113,7 +119,7 @@ def _verify_all(reader: Reader, workers: int | None, report: DbReport) -> None:
                     pool = None
                     cr = ChainReport(chain, 0, head.seq if head else 0)
             if pool is None:
-                _walk(reader, chain, head, ring.check_sig, cr)
+                _walk(reader, chain, head, ring.check_sig, cr, journal)
             report.records += cr.records
             report.chains.append(cr)
     finally:
@@ -121,19 +127,34 @@ def _verify_all(reader: Reader, workers: int | None, report: DbReport) -> None:
             pool.shutdown(cancel_futures=True)
 
 
+def _lookup(reader: Reader) -> Callable[[str, int], bytes | None]:
+    def lookup(chain: str, seq: int) -> bytes | None:
+        rec = reader.record(chain, seq)
+        return rec.body if rec is not None else None
+
+    return lookup
+
+
 def _walk(
-    reader: Reader, chain: str, head: Head | None, check_sig: CheckSig, cr: ChainReport
+    reader: Reader,
+    chain: str,
+    head: Head | None,
+    check_sig: CheckSig,
+    cr: ChainReport,
+    journal: JournalState,
 ) -> None:
     v = ChainVerifier(chain, check_sig)
+    j = JournalChecker(chain, _lookup(reader), state=journal)
     try:
         for rec in reader.iter_records(chain):
-            v.feed(rec)
+            j.feed(v.feed(rec), rec.hash, v.head.time_ms)
         if head is None:
             raise VerifyFailure(chain, 1, "TRUNCATED", "chain has no committed head")
         v.finish(head.seq, head.hash)
     except VerifyFailure as exc:
         cr.failure = exc
     cr.records = v.count
+    cr.closings = j.closings
 
 
 def _walk_parallel(
@@ -144,10 +165,11 @@ def _walk_parallel(
     pool: Executor,
     max_in_flight: int,
     cr: ChainReport,
+    journal: JournalState,
 ) -> None:
     sigs = _DeferredSignatures(ring, pool, max_in_flight)
     try:
-        _walk(reader, chain, head, sigs.check_sig, cr)
+        _walk(reader, chain, head, sigs.check_sig, cr, journal)
     except _BadSignatureSeen:
         pass  # reported below
     bad = sigs.first_bad()

@@ -372,13 +372,19 @@ class _Doc:
             )
 
     def z_report(self, record: dict[str, Any]) -> None:
-        """A closing as a Z-report: whatever totals its payload carries, then the chain's
-        perpetual grand totals (the payload's exact shape belongs to the closing issue)."""
+        """A closing as a Z-report (docs/record-format.md, "Closings"): its period, the
+        records of each type, VAT per rate, the period's total and payments, then the chain's
+        perpetual grand totals. Other scalar payload fields are listed as they are."""
         period = record["type"].split("::", 1)[1]
         self.text("Z-REPORT", align="center", bold=True, double=True)
         self.text(period, align="center", bold=True)
         p = record["payload"]
         self.rule()
+        span = p.get("period")
+        if isinstance(span, dict):
+            self.lr("from:", str(span.get("from_time", "")))
+            self.lr("to:", str(span.get("to_time", "")))
+            self.lr("seq:", f"{span.get('from_seq')}..{span.get('to_seq')}")
         for key in sorted(p):
             value = p[key]
             if key in ("vat", "payments", "total", "counters"):
@@ -387,14 +393,15 @@ class _Doc:
                 continue
             shown = money(value) if isinstance(value, int) and _is_money(key) else str(value)
             self.lr(f"{key}:", shown)
-        for name, count in sorted(p.get("counters", {}).items()):
+        for name, count in sorted(p.get("counters", p.get("counts", {})).items()):
             self.lr(f"{name}", str(count))
         currency = p.get("currency", "")
         if p.get("vat"):
             self.rule()
             self._vat(p["vat"])
-        if "total" in p:
-            self.lr("TOTAL", f"{money(p['total'])} {currency}".strip(), bold=True, tall=True)
+        total = p.get("total", (p.get("period_total") or {}).get("gross"))
+        if isinstance(total, int):
+            self.lr("TOTAL", f"{money(total)} {currency}".strip(), bold=True, tall=True)
         for pay in p.get("payments", []):
             self.lr(f"  {pay['method']}", money(pay["amount"]))
         totals = record.get("totals") or {}

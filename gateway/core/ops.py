@@ -1,6 +1,7 @@
 """Validation of the POS operations other than ``sign`` (see docs/protocol.md).
 
-``cancel``, ``correction``, ``reprint``, ``status``, ``job`` and the ``batch`` envelope.
+``cancel``, ``correction``, ``reprint``, ``close``, ``status``, ``job`` and the ``batch``
+envelope.
 Like :mod:`gateway.core.request`, every function takes decoded JSON and returns a frozen
 value or raises ValidationError listing each problem with its field path.
 """
@@ -22,7 +23,7 @@ from gateway.core.request import (
     validate_sale,
 )
 
-OPS = ("sign", "cancel", "correction", "reprint", "batch", "job", "status")
+OPS = ("sign", "cancel", "correction", "reprint", "close", "batch", "job", "status")
 BATCH_OPS = ("sign", "cancel", "correction", "reprint")
 JOB_ID_RE = re.compile(r"^job_[0-9a-f]{32}$")
 
@@ -56,6 +57,26 @@ class ReprintRequest:
     till: str
     ref: Ref
     reason: str
+
+
+#: ``close`` op ``period`` → closing record type (gateway.core.closing.PERIODS)
+CLOSE_PERIODS = {
+    "DAILY": "CLOSING::DAILY",
+    "MONTHLY": "CLOSING::MONTHLY",
+    "YEARLY": "CLOSING::YEARLY",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequest:
+    request_id: str
+    till: str
+    period: str  # DAILY, MONTHLY or YEARLY
+
+    @property
+    def kind(self) -> str:
+        """The closing record type asked for."""
+        return CLOSE_PERIODS[self.period]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +162,22 @@ def validate_cancel(unverified: Any) -> CancelRequest:
 def validate_reprint(unverified: Any) -> ReprintRequest:
     _, _, rid, till, ref, reason = _referring(unverified, "reprint")
     return ReprintRequest(rid, till, ref, reason)
+
+
+def validate_close(unverified: Any) -> CloseRequest:
+    """``{"id", "op": "close", "till", "period": "DAILY" | "MONTHLY" | "YEARLY"}``."""
+    c = Checker()
+    req = c.obj(unverified, "", {"id", "op", "till", "period"}, set())
+    if req is None:
+        c.raise_if_any("invalid close request")
+        raise AssertionError("unreachable")
+    rid, till = validate_envelope(req, c)
+    period = req.get("period")
+    if "period" in req and not (isinstance(period, str) and period in CLOSE_PERIODS):
+        c.add("period", f"must be one of {', '.join(CLOSE_PERIODS)}", "NOT_ALLOWED")
+    c.raise_if_any("invalid close request")
+    assert rid is not None and till is not None and isinstance(period, str)
+    return CloseRequest(rid, till, period)
 
 
 def validate_correction(unverified: Any, rules: Rules | None = None) -> CorrectionRequest:

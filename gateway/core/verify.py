@@ -42,20 +42,29 @@ class StoredRecord:
 
 
 class VerifyFailure(Exception):
-    def __init__(self, chain: str, seq: int, reason: str, message: str) -> None:
-        super().__init__(f"chain {chain!r} seq {seq}: {reason}: {message}")
+    """Where a chain breaks: ``seq``, a stable ``reason``, and (journal rules) the ``field``."""
+
+    def __init__(
+        self, chain: str, seq: int, reason: str, message: str, *, field: str | None = None
+    ) -> None:
+        where = f" {field}" if field else ""
+        super().__init__(f"chain {chain!r} seq {seq}{where}: {reason}: {message}")
         self.chain = chain
         self.seq = seq
         self.reason = reason
         self.message = message
+        self.field = field
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "chain": self.chain,
             "seq": self.seq,
             "reason": self.reason,
             "message": self.message,
         }
+        if self.field is not None:
+            out["field"] = self.field
+        return out
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {

@@ -138,13 +138,19 @@ CLOSING = body(
     4,
     "CLOSING::DAILY",
     {
-        "period": "2026-11-21",
-        "currency": "EUR",
+        "period": {
+            "from_seq": 1,
+            "to_seq": 3,
+            "from_time": "2026-11-21T03:00:00.000Z",
+            "to_time": "2026-11-22T03:00:00.000Z",
+        },
         "records": 3,
+        "counts": {"TRANSACTION::RECEIPT": 2, "TRANSACTION::CANCELLATION": 1},
         "vat": [{"rate": "20.00", "net": 1250, "vat": 250, "gross": 1500}],
-        "total": 1500,
         "payments": [{"method": "CASH", "amount": 1500}],
-        "counters": {"TRANSACTION::RECEIPT": 2, "TRANSACTION::CANCELLATION": 1},
+        "period_total": {"gross": 1500, "net": 1250, "vat": 250, "gross_abs": 2100},
+        "grand_total": {"gross": 1500, "net": 1250, "vat": 250, "gross_abs": 2100, "by_rate": {}},
+        "previous": None,
     },
 )
 
@@ -237,8 +243,9 @@ def test_encoder_closing_prints_z_report() -> None:
     doc = decode(data)
     assert "Z-REPORT" in doc.texts
     assert "DAILY" in doc.texts
-    assert any(t.startswith("period:") and t.endswith("2026-11-21") for t in doc.texts)
-    assert any(t.startswith("TOTAL") and t.endswith("15.00 EUR") for t in doc.texts)
+    assert any(t.startswith("to:") and t.endswith("2026-11-22T03:00:00.000Z") for t in doc.texts)
+    assert any(t.startswith("TOTAL") and t.endswith("15.00") for t in doc.texts)
+    assert any(t.startswith("TRANSACTION::CANCELLATION") and t.endswith("1") for t in doc.texts)
     assert "Grand totals (perpetual)" in doc.texts
 
 
