@@ -19,6 +19,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from drivers.printers.escpos import (
     CODE_PAGES,
@@ -29,6 +30,7 @@ from drivers.printers.escpos import (
     PROFILES,
 )
 from drivers.printers.transport import BAUD_RATES, FLOW_CONTROLS, PARITIES, parse_socket_url
+from gateway.core.closing import parse_closing_time, parse_year_end
 from gateway.core.errors import ConfigError, Detail
 from gateway.core.money import DEFAULT_VAT_RATES, RATE_RE
 from gateway.core.request import CURRENCY_RE, TILL_RE
@@ -189,6 +191,22 @@ class FiskalySection:
 
 
 @dataclass(frozen=True, slots=True)
+class JournalSection:
+    """The fiscal journal: closings, technical events, clock, archives (docs/events.md,
+    docs/record-format.md "Closings", docs/export-format.md "Archives")."""
+
+    time_zone: str = "UTC"
+    closing_time: str = "04:00"
+    monthly_closing: bool = True
+    yearly_closing: bool = True
+    fiscal_year_end: str = "12-31"
+    clock_jump_threshold_s: float = 300.0
+    event_window_s: float = 60.0
+    archive_period: str = "MONTHLY"
+    archive_dir: str = "archives"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     signing: SigningSection = field(default_factory=SigningSection)
@@ -201,6 +219,7 @@ class Config:
     mqtt: MqttSection = field(default_factory=MqttSection)
     sync: SyncSection = field(default_factory=SyncSection)
     fiskaly: FiskalySection = field(default_factory=FiskalySection)
+    journal: JournalSection = field(default_factory=JournalSection)
     source_sha256: str = ""
 
     def path(self, value: str) -> Path:
@@ -255,6 +274,7 @@ def _section_types() -> dict[str, type]:
         "mqtt": MqttSection,
         "sync": SyncSection,
         "fiskaly": FiskalySection,
+        "journal": JournalSection,
     }
 
 
@@ -457,6 +477,7 @@ def _validate(c: _Collector, cfg: Config) -> None:
     _validate_mqtt(c, cfg.mqtt)
     _validate_sync(c, cfg.sync)
     _validate_fiskaly(c, cfg.fiskaly)
+    _validate_journal(c, cfg.journal)
 
 
 PRINTER_KINDS = ("virtual", "none", "serial", "network", "file")
@@ -609,6 +630,28 @@ def _validate_fiskaly(c: _Collector, f: FiskalySection) -> None:
 
 
 ARCHIVE_PERIODS = ("MONTHLY", "YEARLY", "")
+
+
+def _validate_journal(c: _Collector, j: JournalSection) -> None:
+    try:
+        ZoneInfo(j.time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        c.err("journal.time_zone", "must be an IANA time zone such as Europe/Paris", "RANGE")
+    if j.closing_time:
+        try:
+            parse_closing_time(j.closing_time)
+        except ValueError as exc:
+            c.err("journal.closing_time", f"{exc} (or empty: no scheduled closings)", "FORMAT")
+    try:
+        parse_year_end(j.fiscal_year_end)
+    except ValueError as exc:
+        c.err("journal.fiscal_year_end", f"{exc}, a day every year has", "FORMAT")
+    _positive(c, "journal.clock_jump_threshold_s", j.clock_jump_threshold_s, 366 * 86400)
+    _positive(c, "journal.event_window_s", j.event_window_s, 86400)
+    if j.archive_period not in ARCHIVE_PERIODS:
+        c.err("journal.archive_period", 'must be "MONTHLY", "YEARLY" or "" (off)', "RANGE")
+    if j.archive_period and not j.archive_dir:
+        c.err("journal.archive_dir", "must be a directory when archives are made", "RANGE")
 
 
 def load_config(
