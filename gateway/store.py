@@ -22,7 +22,7 @@ from pathlib import Path
 from gateway.core.errors import IntegrityError, StorageError
 from gateway.core.verify import StoredRecord
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry migrates from version i to i+1; never edit a shipped migration, add one.
 MIGRATIONS: tuple[str, ...] = (
@@ -122,6 +122,24 @@ MIGRATIONS: tuple[str, ...] = (
         run_error        TEXT
     );
     CREATE INDEX sync_runs_time ON sync_runs (processor, started_ms);
+    """,
+    # 4: batch processors (gateway/batch_sync.py): submitted batches still to poll (items:
+    # JSON [[chain, seq, doc_id], ...]), and the send times of the last batches (the
+    # persisted rate-limit bucket)
+    """
+    CREATE TABLE sync_batches (
+        processor     TEXT NOT NULL,
+        batch_id      TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        submitted_ms  INTEGER NOT NULL,
+        items         TEXT NOT NULL,
+        PRIMARY KEY (processor, batch_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX sync_batches_open ON sync_batches (processor, state);
+    CREATE TABLE sync_rate (
+        processor  TEXT NOT NULL,
+        sent_ms    INTEGER NOT NULL
+    );
     """,
 )
 
