@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from gateway import __version__
-from gateway.core.errors import GatewayError
+from gateway.core.errors import GatewayError, StorageError
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -43,10 +43,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_db(args.db)
     for c in report.chains:
         if c.failure is None:
-            print(f"chain {c.chain}: OK, {c.records} records, head seq {c.head_seq}")
+            print(
+                f"chain {c.chain}: OK, {c.records} records, {c.closings} closings, "
+                f"head seq {c.head_seq}"
+            )
         else:
             f = c.failure
-            print(f"chain {c.chain}: FAILED at seq {f.seq}: {f.reason}: {f.message}")
+            where = f" {f.field}" if f.field else ""
+            print(f"chain {c.chain}: FAILED at seq {f.seq}{where}: {f.reason}: {f.message}")
     print(
         f"verified {report.records} records in {report.seconds:.2f} s "
         f"({report.records_per_s:,.0f} records/s): {'OK' if report.ok else 'FAILED'}"
@@ -79,7 +83,30 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"exported {s.records} records of {s.chains} chain(s) to {s.out_dir} "
         f"in {s.seconds:.2f} s; manifest signed by key {signer.key_id}"
     )
+    _spool_event(
+        args.db,
+        "EXPORT_MADE",
+        out=str(args.out.resolve()),
+        records=s.records,
+        chain=args.chain,
+        from_seq=args.from_seq,
+        to_seq=args.to_seq,
+        manifest_hash=s.manifest_hash,
+    )
     return EXIT_OK
+
+
+def _spool_event(db: Path, code: str, **fields: object) -> None:
+    """Leave a technical event for the daemon to sign (docs/events.md, "The spool")."""
+    from gateway.events import spool_event
+
+    chain = fields.pop("chain", None)
+    try:
+        spool_event(
+            db.parent / "events", code, chain=chain if isinstance(chain, str) else None, **fields
+        )
+    except OSError as exc:
+        print(f"warning: event {code} not spooled for the journal: {exc}", file=sys.stderr)
 
 
 def cmd_verify_export(args: argparse.Namespace) -> int:
@@ -93,9 +120,77 @@ def cmd_verify_export(args: argparse.Namespace) -> int:
     rate = r.records / r.seconds if r.seconds > 0 else 0.0
     print(
         f"export OK: {r.records} records in {r.chains} chain(s), keys {', '.join(r.key_ids)}; "
-        f"{r.seconds:.2f} s ({rate:,.0f} records/s)"
+        f"{r.closings} closings; {r.seconds:.2f} s ({rate:,.0f} records/s)"
     )
+    for chain, seq, why in r.unchecked:
+        print(f"  note: closing {chain} seq {seq} checked in part only: {why}")
+    if r.archive is not None:
+        c = r.archive["closing"]
+        p = r.archive["period"]
+        print(
+            f"archive of {r.archive['chain']} {c['type']} {c['number']} (seq {c['seq']}): "
+            f"{p['from_time']} .. {p['to_time']}, manifest {r.manifest_hash}"
+        )
+    if args.db is not None:
+        from gateway.archive import find_recorded
+        from gateway.store import Reader
+
+        chains = [r.archive["chain"]] if r.archive is not None else []
+        with Reader(args.db) as reader:
+            found = [b for b in (find_recorded(reader, c, r.manifest_hash) for c in chains) if b]
+        if not found:
+            print(f"export INVALID: {args.db} records no archive with manifest {r.manifest_hash}")
+            return EXIT_FAIL
+        print(f"recorded in the journal as {found[0]['chain']} seq {found[0]['seq']}")
     return EXIT_OK
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from drivers.signers.software import load_signer
+    from gateway.archive import PERIODS, Archiver
+    from gateway.ledger import Ledger
+    from gateway.reads import ReadPool
+
+    signer = load_signer(args.key or _default_key(args.db))
+    root = args.out or args.db.parent / "archives"
+
+    async def run() -> int:
+        try:
+            ledger = await Ledger.open(args.db, signer)
+        except StorageError as exc:
+            print(
+                f"error: {exc.code}: {exc.message} (a running daemon archives on its own "
+                "schedule, journal.archive_period; stop it to archive by hand)",
+                file=sys.stderr,
+            )
+            return EXIT_FAIL
+        reads = ReadPool(args.db)
+        try:
+            if ledger.halted is not None:
+                print(f"error: signing is halted: {ledger.halted}", file=sys.stderr)
+                return EXIT_FAIL
+            archiver = Archiver(ledger, reads, root, PERIODS[args.period], clock_ms=_now_ms)
+            made = await archiver.run_due(args.chain)
+        finally:
+            reads.close()
+            await ledger.close()
+        for rec in made:
+            p = rec.payload
+            print(
+                f"{root / p['archive']}: {p['records']} records, {p['closing']['type']} "
+                f"{p['closing']['number']}, recorded as {rec.chain} seq {rec.seq}"
+            )
+        if not made:
+            print(f"nothing to archive: every {args.period} closing has its archive")
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+def _now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
 
 
 def cmd_rotate_key(args: argparse.Namespace) -> int:
@@ -178,7 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     ve = sub.add_parser("verify-export", help="check an export with its own files only")
     ve.add_argument("dir", type=Path)
+    ve.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        help="also check that this journal records the archive (its EXPORT::RECORDS record)",
+    )
     ve.set_defaults(func=cmd_verify_export)
+
+    a = sub.add_parser(
+        "archive",
+        help="archive every closed period not archived yet and record each in its chain "
+        "(stop the daemon first: it archives on its own schedule)",
+    )
+    a.add_argument("--db", type=Path, required=True)
+    a.add_argument("--key", type=Path, default=None)
+    a.add_argument("--out", type=Path, default=None, help="default: <db dir>/archives")
+    a.add_argument("--period", choices=("MONTHLY", "YEARLY"), default="MONTHLY")
+    a.add_argument("--chain", default=None)
+    a.set_defaults(func=cmd_archive)
 
     r = sub.add_parser(
         "rotate-key",

@@ -43,7 +43,7 @@ class OffsetFileClock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._offset_ms = 0
         self._lock = threading.Lock()
 
@@ -51,7 +51,7 @@ class OffsetFileClock:
         with self._lock:
             try:
                 st = self.path.stat()
-                stamp = (st.st_mtime_ns, st.st_size)
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
                 if stamp != self._stamp:
                     text = self.path.read_text("ascii").strip()
                     self._offset_ms = int(text or "0")

@@ -256,14 +256,13 @@ class EventJournal:
             try:
                 data = json.loads(await asyncio.to_thread(path.read_bytes))
                 chain = data["chain"]
-                payload = event_payload(data["payload"]["event"], dict(data["payload"]))
+                fields = dict(data["payload"])
+                payload = event_payload(fields.pop("event"), fields)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("spooled event %s unreadable (%s); set aside", path.name, exc)
                 with contextlib.suppress(OSError):
                     path.rename(path.with_name(path.name + ".bad"))
                 continue
-            payload.pop("event")
-            payload = event_payload(data["payload"]["event"], payload)
             _, complete = await self._sign(ledger, [(chain, payload, f"spool-{path.stem}")])
             if complete:
                 with contextlib.suppress(OSError):

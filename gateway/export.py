@@ -369,24 +369,25 @@ def verify_export(out_dir: Path) -> ExportCheck:
             records_changed = True  # the walk below names the first record that changed
     references = _references(out_dir, manifest, ring)
     lookup = _ExportLookup(out_dir / "records.jsonl", references)
+    archive = manifest.get("archive")
     try:
-        count, closings, unchecked = _walk_export(out_dir, manifest, ring, lookup)
-    except ExportInvalid as exc:
+        try:
+            count, closings, unchecked = _walk_export(out_dir, manifest, ring, lookup)
+        except ExportInvalid as exc:
+            if records_changed:
+                raise ExportInvalid(
+                    f"records.jsonl does not match its hash in the manifest; first bad record: "
+                    f"{exc.message}"
+                ) from exc
+            raise
         if records_changed:
-            raise ExportInvalid(
-                f"records.jsonl does not match its hash in the manifest; first bad record: "
-                f"{exc.message}"
-            ) from exc
-        raise
+            raise ExportInvalid("records.jsonl does not match its hash in the manifest")
+        if count != manifest["records"]:
+            raise ExportInvalid(f"manifest says {manifest['records']} records, found {count}")
+        if archive is not None:
+            _check_archive(manifest, archive, lookup, unchecked)
     finally:
         lookup.close()
-    if records_changed:
-        raise ExportInvalid("records.jsonl does not match its hash in the manifest")
-    if count != manifest["records"]:
-        raise ExportInvalid(f"manifest says {manifest['records']} records, found {count}")
-    archive = manifest.get("archive")
-    if archive is not None:
-        _check_archive(manifest, archive, lookup, unchecked)
     return ExportCheck(
         count,
         len(manifest["chains"]),

@@ -23,6 +23,7 @@ Pure: no clock (times are arguments), no IO (the caller reads records and passes
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -241,8 +242,8 @@ def closing_payload(
     """The payload of a closing of type ``kind``. ``closings``: the first and last number of
     the lower closings a monthly / yearly closing sums."""
     payload: dict[str, Any] = {"period": period.to_json(), **sums.parts()}
-    payload["grand_total"] = dict(grand_total)
-    payload["previous"] = previous
+    payload["grand_total"] = copy.deepcopy(dict(grand_total))  # never alias an input
+    payload["previous"] = copy.deepcopy(previous)
     if kind in LOWER:
         if closings is None:
             raise ValueError(f"a {kind} closing names the closings it sums")
@@ -278,8 +279,8 @@ def summed_closing(
         },
         **sums.parts(),
     }
-    payload["grand_total"] = lower[-1]["grand_total"]
-    payload["previous"] = previous
+    payload["grand_total"] = copy.deepcopy(lower[-1]["grand_total"])
+    payload["previous"] = copy.deepcopy(previous)
     payload["closings"] = {
         "type": LOWER[kind],
         "from_number": first_number,

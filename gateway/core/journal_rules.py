@@ -33,6 +33,8 @@ from what the journal gives), ``CLOSING_PERIOD`` (tiling or times), ``CLOSING_LI
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -450,13 +452,12 @@ class JournalChecker:
             expected = {**period_sums.parts(), "grand_total": None}
             expected["grand_total"] = grand_total_after(self._base_total, period_sums)
             for name in ("records", "counts", "vat", "payments", "period_total", "grand_total"):
-                diff = first_difference(expected[name], p[name], f"payload.{name}")
+                diff = _difference(expected[name], p[name], f"payload.{name}")
                 if diff is not None:
                     raise self._fail(
                         "CLOSING_MISMATCH",
-                        f"{diff} is {_at(p, diff)!r}, the records of the period give "
-                        f"{_at(expected, diff.removeprefix('payload.'))!r}",
-                        diff,
+                        f"{diff[0]} is {diff[2]!r}, the records of the period give {diff[1]!r}",
+                        diff[0],
                     )
         elif self.start_seq == 0:
             raise self._fail(
@@ -543,13 +544,12 @@ class JournalChecker:
                 "payload.closings.to_number",
             )
         for name in SUMMING_FIELDS:
-            diff = first_difference(expected[name], p[name], f"payload.{name}")
+            diff = _difference(expected[name], p[name], f"payload.{name}")
             if diff is not None:
                 raise self._fail(
                     "CLOSING_MISMATCH",
-                    f"{diff} is {_at(p, diff)!r}, the {lower} closings {a}..{b} give "
-                    f"{_at(expected, diff.removeprefix('payload.'))!r}",
-                    diff,
+                    f"{diff[0]} is {diff[2]!r}, the {lower} closings {a}..{b} give {diff[1]!r}",
+                    diff[0],
                 )
         for n in range(a, b + 1):
             del marks[n]
@@ -581,56 +581,46 @@ def _entry(tail: deque[tuple[int, int, Contribution]], seq: int) -> tuple[int, i
     return e if e[0] == seq else None
 
 
-def _at(value: Any, path: str) -> Any:
-    """The value at a path made by :func:`first_difference` (``a.b[2].c``), or None."""
-    cur = value
-    for part in _split(path):
-        if isinstance(part, int):
-            if not isinstance(cur, list) or part >= len(cur):
-                return None
-            cur = cur[part]
-        else:
-            if not isinstance(cur, dict) or part not in cur:
-                return None
-            cur = cur[part]
-    return cur
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _split(path: str) -> list[str | int]:
-    out: list[str | int] = []
-    for piece in path.split("."):
-        name, _, rest = piece.partition("[")
-        if name:
-            out.append(name)
-        while rest:
-            idx, _, rest = rest.partition("]")
-            out.append(int(idx))
-            rest = rest.removeprefix("[")
-    return out
+def member(path: str, key: str) -> str:
+    """``path.key``, or ``path["key"]`` when the key is not a plain name (``"20.00"``)."""
+    return f"{path}.{key}" if _NAME_RE.fullmatch(key) else f"{path}[{json.dumps(key)}]"
 
 
 def first_difference(expected: Any, actual: Any, path: str) -> str | None:
     """The path of the first place ``actual`` differs from ``expected`` as JSON (types
     included: ``1`` is not ``true``), or None if they are equal."""
+    found = _difference(expected, actual, path)
+    return found[0] if found is not None else None
+
+
+def _difference(expected: Any, actual: Any, path: str) -> tuple[str, Any, Any] | None:
     if type(expected) is not type(actual):
-        return path
+        return path, expected, actual
     if isinstance(expected, dict):
         for key in expected:
             if key not in actual:
-                return f"{path}.{key}"
-            d = first_difference(expected[key], actual[key], f"{path}.{key}")
+                return member(path, key), expected[key], None
+            d = _difference(expected[key], actual[key], member(path, key))
             if d is not None:
                 return d
         for key in actual:
             if key not in expected:
-                return f"{path}.{key}"
+                return member(path, key), None, actual[key]
         return None
     if isinstance(expected, list):
         for i, (e, a) in enumerate(zip(expected, actual, strict=False)):
-            d = first_difference(e, a, f"{path}[{i}]")
+            d = _difference(e, a, f"{path}[{i}]")
             if d is not None:
                 return d
         if len(expected) != len(actual):
-            return f"{path}[{min(len(expected), len(actual))}]"
+            i = min(len(expected), len(actual))
+            return (
+                f"{path}[{i}]",
+                expected[i] if i < len(expected) else None,
+                actual[i] if i < len(actual) else None,
+            )
         return None
-    return None if expected == actual else path
+    return None if expected == actual else (path, expected, actual)
