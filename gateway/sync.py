@@ -41,7 +41,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.core.errors import (
     CloudError,
@@ -68,6 +68,9 @@ from gateway.core.uplink import (
 from gateway.ledger import Entry, Ledger, WriterView
 from gateway.reads import ReadPool
 from gateway.store import Reader
+
+if TYPE_CHECKING:
+    from gateway.batch_sync import BatchProcessor
 
 log = logging.getLogger("gateway.sync")
 
@@ -638,6 +641,8 @@ class SyncEngine:
         self.clock_ms = clock_ms
         self.rand = rand
         self.processors: dict[str, RealtimeProcessor] = {}
+        #: the batch-shaped processors (gateway.batch_sync); not in the offline budget
+        self.batch_processors: dict[str, BatchProcessor] = {}
         self.ledger: Ledger | None = None
         self.reads: ReadPool | None = None
 
@@ -650,8 +655,16 @@ class SyncEngine:
         self.processors[p.id] = p
         return p
 
+    def register_batch(self, processor: BatchProcessor) -> BatchProcessor:
+        if not PROCESSOR_ID_RE.match(processor.id):
+            raise ValueError(f"processor id {processor.id!r} is not country/system")
+        if processor.id in self.processors or processor.id in self.batch_processors:
+            raise ValueError(f"processor {processor.id} is already registered")
+        self.batch_processors[processor.id] = processor
+        return processor
+
     def processor_ids(self) -> tuple[str, ...]:
-        return tuple(self.processors)
+        return tuple(self.processors) + tuple(self.batch_processors)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -664,18 +677,24 @@ class SyncEngine:
         def load(conn: sqlite3.Connection) -> None:
             for p in self.processors.values():
                 p.load(conn, heads)
+            for b in self.batch_processors.values():
+                b.load(conn)
 
         await ledger.control(load)
         for p in self.processors.values():
             await p.sender.start()
+        for b in self.batch_processors.values():
+            await b.sender.start()
 
     async def run(self) -> None:
         """Run every processor's loop until cancelled (owned by the app's TaskGroup)."""
-        if not self.processors:
+        if not self.processors and not self.batch_processors:
             return
         async with asyncio.TaskGroup() as tg:
             for p in self.processors.values():
                 tg.create_task(p.loop(), name=f"sync {p.id}")
+            for b in self.batch_processors.values():
+                tg.create_task(b.loop(), name=f"sync {b.id}")
 
     async def close(self) -> None:
         """Write what is buffered and close the clients. Idempotent."""
@@ -684,6 +703,8 @@ class SyncEngine:
                 if self.ledger is not None and self.ledger.writer_alive:
                     await p.write()
             await p.sender.close()
+        for b in self.batch_processors.values():
+            await b.sender.close()
 
     # ------------------------------------------------------------------ ledger hooks
 
@@ -728,7 +749,11 @@ class SyncEngine:
 
     def signed(self, records: Sequence[Record]) -> None:
         """Records were signed (dispatcher): remember the oldest unsent, wake the uplinks."""
-        if not self.processors or not records:
+        if not records:
+            return
+        for b in self.batch_processors.values():
+            b.wake.set()
+        if not self.processors:
             return
         for p in self.processors.values():
             for rec in records:
@@ -801,14 +826,17 @@ class SyncEngine:
     async def process_pending(self) -> list[RunStats]:
         """Run every processor now (admin API); one result per processor."""
         procs = list(self.processors.values())
-        results = await asyncio.gather(*(p.run_once("admin") for p in procs))
+        batch = list(self.batch_processors.values())
+        results = await asyncio.gather(
+            *(p.run_once("admin") for p in procs), *(b.run_once("admin") for b in batch)
+        )
         return list(results)
 
     async def batch_stats(self, *, window_ms: int = DAY_MS) -> list[dict[str, object]]:
         """Per processor, the sums of its runs over the last 24 h (admin API)."""
         assert self.reads is not None
         since = self.clock_ms() - window_ms
-        ids = list(self.processors)
+        ids = list(self.processors) + list(self.batch_processors)
 
         def q(r: Reader) -> dict[str, tuple[int, ...]]:
             rows = r.conn.execute(
@@ -892,6 +920,10 @@ class SyncEngine:
                     ),
                 }
             )
+        for bp in self.batch_processors.values():
+            # items set aside for review are a person's job: red until they are dealt with
+            red = red or bp.alerting or bp.review_count > 0
+            sync.append(bp.status())
         return {
             "offline": {"processors": offline},
             "sync": {"health": "red" if red else "green", "processors": sync},

@@ -1,0 +1,66 @@
+"""The HTTP exchange shared by the batch clients (GoRoute, SIFEN): one aiohttp session, every
+call under a total timeout, and the answer's status mapped to the error tree at the edge.
+
+Mapping (gateway.core.sync_policy's classes): connect error, timeout, dropped connection,
+5xx, 408 → :class:`CloudUnavailable`; 401 → :class:`CloudAuthFailed`; 429 →
+:class:`CloudBusy`; any other 4xx → :class:`CloudRejected` (the request itself is wrong: a
+bug, since the limits are checked before sending). What this module leaves to the drivers:
+URLs, headers and bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from gateway.core.errors import CloudAuthFailed, CloudBusy, CloudRejected, CloudUnavailable
+from gateway.core.sync_policy import AUTH, BUSY, OK, PERMANENT, classify_status
+
+
+class BatchHttp:
+    def __init__(self, *, connect_timeout_s: float, total_timeout_s: float) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=total_timeout_s, connect=connect_timeout_s)
+        self.session: aiohttp.ClientSession | None = None
+        self.errors = 0
+
+    async def start(self) -> None:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=self.timeout)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def call(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None = None
+    ) -> tuple[int, Any]:
+        """One exchange; the decoded JSON answer of a 2xx, else the mapped CloudError."""
+        await self.start()
+        assert self.session is not None
+        try:
+            async with self.session.request(method, url, headers=headers, data=body) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.errors += 1
+            raise CloudUnavailable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+        cls = classify_status(status)
+        if cls == OK:
+            try:
+                return status, json.loads(raw)
+            except ValueError as exc:
+                self.errors += 1
+                raise CloudUnavailable(f"{method} {url}: answer is not JSON") from exc
+        self.errors += 1
+        text = raw[:300].decode("utf-8", "replace")
+        message = f"{method} {url}: HTTP {status}: {text}"
+        if cls == AUTH:
+            raise CloudAuthFailed(message)
+        if cls == BUSY:
+            raise CloudBusy(message)
+        if cls == PERMANENT:
+            raise CloudRejected(message, status)
+        raise CloudUnavailable(message)
