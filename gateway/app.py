@@ -171,6 +171,7 @@ class App:
             self.reads,
             guard=self.sync.guard if self.sync.processors else None,
             on_signed=self.sync.signed,
+            uplinks=self.sync.status if self.sync.processors else None,
         )
         self.printer = None
         if cfg.printer.kind == "virtual":

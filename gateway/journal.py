@@ -9,8 +9,10 @@ before the ledger opens (the ledger reads its clock), then:
   last ``START``'s) and ``KEY_GENERATED``, then makes the closings a stopped box missed, each
   with its true period, and their archives;
 - :meth:`FiscalJournal.tasks`: the event worker, the closing schedule (archives follow each
-  closing) and the integrity watch (a halt is remembered in ``<db>.halted`` so the next run
-  that can sign records it);
+  closing), the integrity watch (a halt is remembered in ``<db>.halted`` so the next run
+  that can sign records it) and, with a cloud uplink, the uplink watch: ``UPLINK_OFFLINE``,
+  ``UPLINK_ONLINE``, ``OFFLINE_WARNING`` and ``OFFLINE_LIMIT`` from the sync engine's status
+  (gateway.core.events.uplink_events);
 - :meth:`FiscalJournal.stop`, after the listeners stopped: ``STOP``.
 
 The parts: gateway.clock, gateway.events, gateway.closings, gateway.archive.
@@ -24,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -34,6 +36,7 @@ from gateway.clock import DisciplinedClock, clock_source
 from gateway.closings import Scheduler
 from gateway.config import Config
 from gateway.core.closing import Schedule, parse_closing_time, parse_year_end
+from gateway.core.events import uplink_events
 from gateway.core.record import Record, format_time
 from gateway.events import EventJournal
 from gateway.ledger import Entry, Ledger
@@ -44,6 +47,8 @@ log = logging.getLogger("gateway.journal")
 
 #: Seconds between looks at whether signing halted (to remember it for the next run).
 WATCH_S = 1.0
+#: Seconds between looks at the sync engine's uplinks and offline budgets.
+UPLINK_POLL_S = 2.0
 
 
 def schedule_of(cfg: Config) -> Schedule:
@@ -104,6 +109,7 @@ class FiscalJournal:
         self.ledger: Ledger | None = None
         self.started_mono = time.monotonic()
         self.halt_mark = cfg.db_path.with_name(cfg.db_path.name + ".halted")
+        self.uplink_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -114,9 +120,12 @@ class FiscalJournal:
         *,
         guard: Callable[[Entry], Entry] | None = None,
         on_signed: Callable[[list[Record]], None] | None = None,
+        uplinks: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
-        """The start-up records, missed closings and archives (before the POS is served)."""
+        """The start-up records, missed closings and archives (before the POS is served).
+        ``uplinks``: the sync engine's status (its ``offline`` part is watched)."""
         self.ledger = ledger
+        self.uplink_status = uplinks
         self.clock.journal_ms = lambda: max(
             (h.time_ms for h in ledger.heads().values()), default=None
         )
@@ -195,6 +204,23 @@ class FiscalJournal:
         if self.scheduler is not None:
             tg.create_task(self.scheduler.run(), name="closing schedule")
         tg.create_task(self._watch(), name="integrity watch")
+        if self.uplink_status is not None:
+            tg.create_task(self._watch_uplinks(self.uplink_status), name="uplink watch")
+
+    async def _watch_uplinks(self, status: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        previous: dict[str, Any] | None = None
+        while True:
+            try:
+                current = await status()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("uplink status unreadable")
+            else:
+                for code, chain, fields in uplink_events(previous, current):
+                    self.events.record(code, chain=chain, **fields)
+                previous = current
+            await asyncio.sleep(UPLINK_POLL_S)
 
     async def _watch(self) -> None:
         marked = False

@@ -129,3 +129,64 @@ class RateLimiter:
             return 0
         ends = [w.ends_ms for w in self.windows.values() if w.count]
         return min(ends) if ends else None
+
+
+# ---------------------------------------------------------------------- from the sync status
+
+#: uplink states of gateway.core.uplink that mean the cloud is not reachable now
+_DOWN = frozenset({"offline"})
+_UP = frozenset({"online"})
+_LEVEL_CODES = {"warning": "OFFLINE_WARNING", "hard": "OFFLINE_LIMIT"}
+
+
+def _chains(status: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    offline = status.get("offline") if isinstance(status, dict) else None
+    processors = offline.get("processors") if isinstance(offline, dict) else None
+    for p in processors if isinstance(processors, list) else []:
+        chains = p.get("chains") if isinstance(p, dict) else None
+        for c in chains if isinstance(chains, list) else []:
+            if isinstance(c, dict) and isinstance(c.get("chain"), str):
+                out[(str(p.get("name")), c["chain"])] = c
+    return out
+
+
+def _budget(chain: dict[str, Any]) -> dict[str, Any]:
+    b = chain.get("budget")
+    return b if isinstance(b, dict) else {}
+
+
+def uplink_events(
+    previous: dict[str, Any] | None, current: dict[str, Any]
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(code, chain, fields)`` of the events two successive sync statuses show (the
+    ``offline`` part of the status JSON, docs/sync.md): ``UPLINK_OFFLINE`` / ``UPLINK_ONLINE``
+    when a chain's uplink goes down / comes back, ``OFFLINE_WARNING`` / ``OFFLINE_LIMIT`` when
+    its offline budget reaches a level. A bad state seen first (``previous`` None: a start)
+    is an event too, so a restart does not hide it."""
+    before = _chains(previous)
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for (processor, chain), c in sorted(_chains(current).items()):
+        was = before.get((processor, chain), {})
+        state, old_state = c.get("uplink"), was.get("uplink", "online")
+        if state in _DOWN and old_state not in _DOWN:
+            out.append(
+                ("UPLINK_OFFLINE", chain, {"processor": processor, "error": c.get("last_error")})
+            )
+        elif state in _UP and old_state in _DOWN | {"replaying"}:
+            out.append(("UPLINK_ONLINE", chain, {"processor": processor}))
+        budget = _budget(c)
+        level, old_level = budget.get("level", "ok"), _budget(was).get("level", "ok")
+        if level != old_level and level in _LEVEL_CODES:
+            out.append(
+                (
+                    _LEVEL_CODES[level],
+                    chain,
+                    {
+                        "processor": processor,
+                        "pending_records": budget.get("pending_records"),
+                        "oldest_unsent_age_s": budget.get("oldest_unsent_age_s"),
+                    },
+                )
+            )
+    return out
