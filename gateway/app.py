@@ -49,13 +49,16 @@ from gateway.dispatch import Dispatcher
 from gateway.journal import FiscalJournal
 from gateway.ledger import Ledger
 from gateway.logs import setup_logging
+from gateway.metrics import Metrics
 from gateway.mqtt import MqttTransport
 from gateway.pos_socket import PosServer
 from gateway.printing import PrintWorker, reprinter
 from gateway.reads import ReadPool
 from gateway.sdnotify import Notifier
+from gateway.status_page import Maintenance, StatusPage
 from gateway.store import Reader
 from gateway.sync import EngineSettings, ProcessorSettings, SyncEngine
+from gateway.technician import technician_status
 from gateway.web import make_app
 
 log = logging.getLogger("gateway.app")
@@ -93,6 +96,7 @@ class App:
         self.admin_token: str | None = None
         self.journal: FiscalJournal | None = None
         self.key_generated: str | None = None
+        self.metrics = Metrics()
 
     # ------------------------------------------------------------------ start-up
 
@@ -218,6 +222,17 @@ class App:
 
             dispatcher.handle = handle_and_wake  # type: ignore[method-assign]
             tg.create_task(printer.run())
+        untimed = dispatcher.handle
+
+        async def handle_timed(unverified: Any) -> dict[str, Any]:
+            # the sign latency histogram of /metrics: every transport goes through here
+            t0 = time.perf_counter()
+            reply = await untimed(unverified)
+            op = unverified.get("op") if isinstance(unverified, dict) else None
+            self.metrics.observe_sign(op, time.perf_counter() - t0)
+            return reply
+
+        dispatcher.handle = handle_timed  # type: ignore[method-assign]
         self.pos = PosServer(
             dispatcher,
             max_line_bytes=cfg.pos.max_line_bytes,
@@ -233,6 +248,20 @@ class App:
             host, port = parse_listen(cfg.http.listen)
             http_app = make_app(dispatcher, ledger, max_body_bytes=cfg.http.max_body_bytes)
             AdminApi(self.sync, self.admin_token).add_routes(http_app)
+            StatusPage(
+                self.status,
+                Maintenance(
+                    sync=self.sync,
+                    dispatcher=dispatcher,
+                    printer=self.printer,
+                    ledger=ledger,
+                    db_path=cfg.db_path,
+                    record_event=journal.events.record,
+                ),
+                self.metrics,
+                token=self.admin_token,
+                remote_read=cfg.http.status_page_remote,
+            ).add_routes(http_app)
             runner = web.AppRunner(http_app, access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, host, port)
@@ -345,6 +374,11 @@ class App:
             "jobs": {"active": self.dispatcher.jobs.active()},
             "mqtt": self.mqtt.state() if self.mqtt else {"enabled": False},
             "journal": self.journal.status() if self.journal else {},
+            **(
+                await technician_status(
+                    self.reads, ledger.signer.public_pem, self.cfg.gateway.state_dir
+                )
+            ),
         }
 
     async def _watchdog(self) -> None:

@@ -77,6 +77,7 @@ class HttpSection:
     listen: str = "127.0.0.1:8480"
     allow_non_loopback: bool = False
     admin_token_file: str = ""
+    status_page_remote: bool = False
     max_body_bytes: int = 1 << 20
 
 

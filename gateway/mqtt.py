@@ -152,6 +152,7 @@ class MqttTransport:
         # counters for the status page
         self.connects = 0
         self.received = 0
+        self.last_message_at: str | None = None
         self.replied = 0
         self.busy = 0
         self.last_error: str | None = None
@@ -171,6 +172,7 @@ class MqttTransport:
             "client_id": self.client_id,
             "connects": self.connects,
             "received": self.received,
+            "last_message_at": self.last_message_at,
             "replied": self.replied,
             "busy": self.busy,
             "inflight": len(self._tasks),
@@ -350,6 +352,7 @@ class MqttTransport:
         """Admit one request (never blocks: a slow till must not hold up the others)."""
         assert self._tg is not None
         self.received += 1
+        self.last_message_at = format_time(time.time_ns() // 1_000_000)
         m = self.settings
         topic = str(message.topic)
         till = self.topics.till_of(topic)

@@ -44,7 +44,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from drivers.printers.device import EscposPrinter
-from drivers.printers.escpos import encode_document, process_id_of
+from drivers.printers.escpos import encode_document, encode_test_page, process_id_of
 from drivers.printers.status import PrinterStatus
 from drivers.printers.virtual import VirtualPrinter, render_text
 from gateway.core.errors import DeviceError, GatewayError
@@ -158,6 +158,19 @@ class PrintWorker:
             "duplicates_since_start": self.duplicates,
             "last_error": self.last_error,
         }
+
+    async def print_test_page(self) -> str:
+        """A test page (the maintenance action): sent in the printer's IO thread, between
+        jobs; returns where it went. Device errors propagate (GatewayError)."""
+        if isinstance(self.printer, EscposPrinter):
+            device = self.printer
+            if self._io is None:
+                raise DeviceError("the printer worker is not running")
+            page = encode_test_page(device.profile, device.layout)
+            await self._in_io(device.send, page, None)
+            return device.name
+        await asyncio.to_thread(self.printer.print_texts, ["TEST PAGE\nfiscal-gateway\n"])
+        return str(getattr(self.printer, "path", ""))
 
     async def job_counts(self) -> dict[str, int]:
         def q(r: Reader) -> dict[str, int]:
