@@ -7,6 +7,10 @@
   last 24 hours, with ``since`` (the start of that window).
 - ``POST /v1/admin/sync/resume`` ``{"processor", "chain"}``: resume a chain whose uplink was
   stopped by a permanent rejection (the rejected record stays set aside).
+- ``GET /v1/admin/sync/review``: ``{"review": [{"processor", "chain", "seq", "error",
+  "since"}]}``, the items the batch processors set aside (needs review), never dropped.
+- ``POST /v1/admin/sync/review/retry`` ``{"processor", "chain", "seq"}``: send a reviewed
+  item again (after its cause was corrected); 404 when it is not in review.
 
 Every request needs ``Authorization: Bearer <token>``, the token read once at start-up from
 ``http.admin_token_file`` and compared in constant time (``hmac.compare_digest``). A wrong or
@@ -52,6 +56,8 @@ class AdminApi:
         app.router.add_post("/v1/admin/process-pending", self._auth(self.process_pending))
         app.router.add_get("/v1/admin/batch-stats", self._auth(self.batch_stats))
         app.router.add_post("/v1/admin/sync/resume", self._auth(self.resume))
+        app.router.add_get("/v1/admin/sync/review", self._auth(self.review))
+        app.router.add_post("/v1/admin/sync/review/retry", self._auth(self.retry))
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -107,3 +113,32 @@ class AdminApi:
                 status=404,
             )
         return web.json_response({"processor": processor, "chain": chain, "uplink": uplink.state})
+
+    async def review(self, request: web.Request) -> web.Response:
+        items = []
+        for pid, bp in sorted(self.engine.batch_processors.items()):
+            items += [{"processor": pid, **item} for item in await bp.review(limit=1000)]
+        return web.json_response({"review": items})
+
+    async def retry(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+            processor, chain, seq = body["processor"], body["chain"], body["seq"]
+            if not isinstance(processor, str) or not isinstance(chain, str) or type(seq) is not int:
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response(
+                {
+                    "error": {
+                        "code": "VALIDATION_ERROR",
+                        "message": 'body: {"processor", "chain", "seq"}',
+                    }
+                },
+                status=400,
+            )
+        bp = self.engine.batch_processors.get(processor)
+        if bp is None or not await bp.retry(chain, seq):
+            return web.json_response(
+                {"error": {"code": "NOT_FOUND", "message": "no such item in review"}}, status=404
+            )
+        return web.json_response({"processor": processor, "chain": chain, "seq": seq})

@@ -28,6 +28,8 @@ from typing import Any
 from aiohttp import web
 
 from drivers.cloud.fiskaly import FiskalyClient, FiskalySettings, FiskalyUplink
+from drivers.cloud.goroute import GoRouteSettings, GoRouteUplink
+from drivers.cloud.sifen import SifenSettings, SifenUplink
 from drivers.printers.device import EscposPrinter
 from drivers.printers.escpos import PROFILES, Layout, encode_test_page
 from drivers.printers.transport import (
@@ -40,11 +42,15 @@ from drivers.printers.virtual import VirtualPrinter
 from drivers.signers.software import generate_key, load_signer
 from gateway import __version__
 from gateway.admin import AdminApi, read_token
+from gateway.batch_sync import BatchProcessor, BatchSettings
 from gateway.config import Config, PrinterSection, load_config, parse_listen
+from gateway.core.batch_policy import Limits
+from gateway.core.cdc import CdcError, Issuer
 from gateway.core.errors import ConfigError, GatewayError, KeyError_
 from gateway.core.offline_budget import BudgetLimits
 from gateway.core.record import format_time
 from gateway.core.request import Rules
+from gateway.core.ubl import Party
 from gateway.dispatch import Dispatcher
 from gateway.journal import FiscalJournal
 from gateway.ledger import Ledger
@@ -504,7 +510,78 @@ def sync_engine(cfg: Config) -> SyncEngine:
                 interval_s=f.interval_s, probe_min_s=f.probe_min_s, probe_max_s=f.probe_max_s
             ),
         )
+    register_batch_uplinks(cfg, engine)
     return engine
+
+
+def _secret(cfg: Config, key: str, value: str) -> str:
+    try:
+        return cfg.path(value).read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {value}: {exc}") from None
+
+
+def register_batch_uplinks(cfg: Config, engine: SyncEngine) -> None:
+    """The batch processors ``[peppol]`` and ``[sifen]`` enable (docs/sync.md)."""
+    p = cfg.peppol
+    if p.enabled:
+        seller = Party(
+            name=p.seller_name,
+            endpoint_id=p.seller_endpoint_id,
+            country=p.seller_country,
+            vat_id=p.seller_vat_id,
+            address=p.seller_address,
+        )
+        goroute = GoRouteUplink(
+            GoRouteSettings(
+                base_url=p.base_url,
+                api_key=_secret(cfg, "peppol.api_key_file", p.api_key_file),
+                seller=seller,
+                async_mode=p.async_mode,
+                connect_timeout_s=p.connect_timeout_s,
+                total_timeout_s=p.total_timeout_s,
+                limits=Limits(p.max_docs, p.max_batch_bytes, p.max_doc_bytes),
+            )
+        )
+        settings = BatchSettings(
+            interval_s=p.interval_s,
+            poll_interval_s=p.poll_interval_s,
+            poll_timeout_s=p.poll_timeout_s,
+            rate_limit=p.batches_per_minute,
+        )
+        engine.register_batch(BatchProcessor(engine, goroute, settings))
+    s = cfg.sifen
+    if s.enabled:
+        issuer = Issuer(
+            ruc=s.ruc,
+            establishment=s.establishment,
+            expedition_point=s.expedition_point,
+            expedition_points=tuple(
+                (till, point) for till, _, point in (x.partition("=") for x in s.expedition_points)
+            ),
+            taxpayer_type=s.taxpayer_type,
+        )
+        try:
+            issuer.validate()
+        except CdcError as exc:
+            raise ConfigError(f"sifen: {exc}") from None
+        sifen = SifenUplink(
+            SifenSettings(
+                base_url=s.base_url,
+                token=_secret(cfg, "sifen.token_file", s.token_file),
+                issuer=issuer,
+                connect_timeout_s=s.connect_timeout_s,
+                total_timeout_s=s.total_timeout_s,
+                limits=Limits(s.max_docs, s.max_lote_bytes, s.max_lote_bytes),
+            )
+        )
+        settings = BatchSettings(
+            interval_s=s.interval_s,
+            poll_interval_s=s.poll_interval_s,
+            poll_timeout_s=s.poll_timeout_s,
+            rate_limit=s.lotes_per_minute,
+        )
+        engine.register_batch(BatchProcessor(engine, sifen, settings))
 
 
 def escpos_printer(p: PrinterSection) -> EscposPrinter:

@@ -192,6 +192,52 @@ class FiskalySection:
 
 
 @dataclass(frozen=True, slots=True)
+class PeppolSection:
+    """The ``peppol/goroute`` batch uplink: invoices as UBL through GoRoute (docs/sync.md)."""
+
+    enabled: bool = False
+    base_url: str = ""
+    api_key_file: str = ""
+    async_mode: bool = False
+    seller_name: str = ""
+    seller_endpoint_id: str = ""
+    seller_country: str = ""
+    seller_vat_id: str = ""
+    seller_address: str = ""
+    interval_s: float = 60.0
+    poll_interval_s: float = 5.0
+    poll_timeout_s: float = 300.0
+    max_docs: int = 100
+    max_batch_bytes: int = 50 * 1024 * 1024
+    max_doc_bytes: int = 15 * 1024 * 1024
+    batches_per_minute: int = 10
+    connect_timeout_s: float = 5.0
+    total_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SifenSection:
+    """The ``paraguay/sifen`` batch uplink: documents in lotes to SIFEN (docs/sync.md)."""
+
+    enabled: bool = False
+    base_url: str = ""
+    token_file: str = ""
+    ruc: str = ""
+    establishment: str = "001"
+    expedition_point: str = "001"
+    expedition_points: tuple[str, ...] = ()
+    taxpayer_type: int = 2
+    interval_s: float = 60.0
+    poll_interval_s: float = 30.0
+    poll_timeout_s: float = 300.0
+    max_docs: int = 50
+    max_lote_bytes: int = 1_000_000
+    lotes_per_minute: int = 10
+    connect_timeout_s: float = 5.0
+    total_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class JournalSection:
     """The fiscal journal: closings, technical events, clock, archives (docs/events.md,
     docs/record-format.md "Closings", docs/export-format.md "Archives")."""
@@ -220,6 +266,8 @@ class Config:
     mqtt: MqttSection = field(default_factory=MqttSection)
     sync: SyncSection = field(default_factory=SyncSection)
     fiskaly: FiskalySection = field(default_factory=FiskalySection)
+    peppol: PeppolSection = field(default_factory=PeppolSection)
+    sifen: SifenSection = field(default_factory=SifenSection)
     journal: JournalSection = field(default_factory=JournalSection)
     source_sha256: str = ""
 
@@ -275,6 +323,8 @@ def _section_types() -> dict[str, type]:
         "mqtt": MqttSection,
         "sync": SyncSection,
         "fiskaly": FiskalySection,
+        "peppol": PeppolSection,
+        "sifen": SifenSection,
         "journal": JournalSection,
     }
 
@@ -394,6 +444,8 @@ _CREDENTIAL_KEYS = (
     "mqtt.password_file",
     "fiskaly.api_key_file",
     "fiskaly.api_secret_file",
+    "peppol.api_key_file",
+    "sifen.token_file",
 )
 
 
@@ -404,6 +456,8 @@ def _check_paths(c: _Collector, cfg: Config) -> None:
         *_MQTT_FILE_KEYS,
         "fiskaly.api_key_file",
         "fiskaly.api_secret_file",
+        "peppol.api_key_file",
+        "sifen.token_file",
     )
     for key in ("signing.key_file", "ledger.database", "pos.socket", *optional):
         section, _, name = key.partition(".")
@@ -478,6 +532,7 @@ def _validate(c: _Collector, cfg: Config) -> None:
     _validate_mqtt(c, cfg.mqtt)
     _validate_sync(c, cfg.sync)
     _validate_fiskaly(c, cfg.fiskaly)
+    _validate_batch_uplinks(c, cfg.peppol, cfg.sifen)
     _validate_journal(c, cfg.journal)
 
 
@@ -628,6 +683,63 @@ def _validate_fiskaly(c: _Collector, f: FiskalySection) -> None:
     _positive(c, "fiskaly.probe_max_s", f.probe_max_s, 86400)
     if f.probe_min_s > f.probe_max_s:
         c.err("fiskaly.probe_min_s", "must not exceed fiskaly.probe_max_s", "RANGE")
+
+
+def _validate_base_url(c: _Collector, key: str, url: str) -> None:
+    m = re.fullmatch(r"(https?)://([^/:]+|\[[0-9a-fA-F:]+\])(:\d{1,5})?(/[^\s]*)?", url)
+    if m is None:
+        c.err(key, "must be an http(s)://host[:port][/path] URL", "FORMAT")
+    elif m.group(1) == "http" and not is_loopback(m.group(2).strip("[]")):
+        c.err(key, "must be https (plain http only to a loopback simulator)", "RANGE")
+
+
+def _validate_batch_uplinks(c: _Collector, p: PeppolSection, s: SifenSection) -> None:
+    if p.enabled:
+        for key in ("api_key_file", "seller_name", "seller_endpoint_id", "seller_country"):
+            if not getattr(p, key):
+                c.err(f"peppol.{key}", "is required when peppol.enabled = true", "REQUIRED")
+        if p.seller_endpoint_id and not re.fullmatch(r"[0-9]{4}:\S+", p.seller_endpoint_id):
+            c.err("peppol.seller_endpoint_id", "must be <scheme>:<id>, e.g. 0009:123", "FORMAT")
+        if p.seller_country and not re.fullmatch(r"[A-Z]{2}", p.seller_country):
+            c.err("peppol.seller_country", "must be an ISO 3166 alpha-2 code", "FORMAT")
+    if p.enabled or p.base_url:
+        _validate_base_url(c, "peppol.base_url", p.base_url)
+    if s.enabled:
+        for key in ("token_file", "ruc"):
+            if not getattr(s, key):
+                c.err(f"sifen.{key}", "is required when sifen.enabled = true", "REQUIRED")
+        if s.ruc and not re.fullmatch(r"[0-9]{1,8}-[0-9]", s.ruc):
+            c.err("sifen.ruc", "must be <1-8 digits>-<check digit>", "FORMAT")
+    if s.enabled or s.base_url:
+        _validate_base_url(c, "sifen.base_url", s.base_url)
+    for key in ("establishment", "expedition_point"):
+        if not re.fullmatch(r"[0-9]{3}", getattr(s, key)):
+            c.err(f"sifen.{key}", "must be 3 digits", "FORMAT")
+    for i, item in enumerate(s.expedition_points):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}=[0-9]{3}", item):
+            c.err(f"sifen.expedition_points[{i}]", 'must be "<till>=<3 digits>"', "FORMAT")
+    if s.taxpayer_type not in (1, 2):
+        c.err("sifen.taxpayer_type", "must be 1 (natural person) or 2 (legal entity)", "RANGE")
+    for name, sec in (("peppol", p), ("sifen", s)):
+        _positive(c, f"{name}.interval_s", sec.interval_s, 86400)
+        _positive(c, f"{name}.poll_interval_s", sec.poll_interval_s, 3600)
+        _positive(c, f"{name}.poll_timeout_s", sec.poll_timeout_s, 86400)
+        _positive(c, f"{name}.connect_timeout_s", sec.connect_timeout_s, 600)
+        _positive(c, f"{name}.total_timeout_s", sec.total_timeout_s, 600)
+    if not 1 <= p.max_docs <= 100:
+        c.err("peppol.max_docs", "must be 1-100 (GoRoute's limit)", "RANGE")
+    if not 1024 <= p.max_batch_bytes <= 50 * 1024 * 1024:
+        c.err("peppol.max_batch_bytes", "must be 1024 - 52428800 (50 MB)", "RANGE")
+    if not 1024 <= p.max_doc_bytes <= min(p.max_batch_bytes, 15 * 1024 * 1024):
+        c.err("peppol.max_doc_bytes", "must be 1024 - min(max_batch_bytes, 15 MB)", "RANGE")
+    if not 1 <= p.batches_per_minute <= 10:
+        c.err("peppol.batches_per_minute", "must be 1-10 (GoRoute's limit)", "RANGE")
+    if not 1 <= s.max_docs <= 50:
+        c.err("sifen.max_docs", "must be 1-50 (SIFEN's lote)", "RANGE")
+    if not 1024 <= s.max_lote_bytes <= 10_000_000:
+        c.err("sifen.max_lote_bytes", "must be 1024 - 10000000", "RANGE")
+    if not 1 <= s.lotes_per_minute <= 600:
+        c.err("sifen.lotes_per_minute", "must be 1-600", "RANGE")
 
 
 ARCHIVE_PERIODS = ("MONTHLY", "YEARLY", "")

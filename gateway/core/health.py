@@ -34,6 +34,11 @@ def assess_health(status: dict[str, Any]) -> dict[str, Any]:
             )
         if p.get("alert"):
             red.append(f"{p['processor']}: sync failure rate above the alert threshold")
+        if p.get("needs_review"):
+            red.append(
+                f"{p['processor']}: {p['needs_review']} item(s) set aside for review"
+                " (GET /v1/admin/sync/review; retry after correction)"
+            )
     for p in status.get("offline", {}).get("processors", []):
         if p.get("state") not in (None, "online"):
             amber.append(f"{p['name']}: cloud {p['state']}")

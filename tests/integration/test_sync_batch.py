@@ -7,7 +7,9 @@ import xml.etree.ElementTree as ET
 from decimal import Decimal
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from batch_support import (
     API_KEY,
     ISSUER,
@@ -22,6 +24,7 @@ from drivers.cloud.goroute_sim import GoRouteSim
 from drivers.cloud.sifen import cdc_of
 from drivers.cloud.sifen_sim import SifenSim
 from drivers.signers.software import SoftwareSigner
+from gateway.admin import AdminApi
 from gateway.batch_sync import BatchSettings
 from gateway.core.batch_policy import Limits
 from gateway.core.cdc import valid_cdc
@@ -320,3 +323,95 @@ async def test_sifen_over_limit_docs_split_into_lotes_of_50(
         assert run.batches_created == 3 and run.accepted == 120
         assert sorted(len(lo["cdcs"]) for lo in sim.lotes.values()) == [20, 50, 50]
         assert sim.violations == []
+
+
+# ---------------------------------------------------------------------- admin API
+
+
+async def test_admin_api_process_pending_207_review_listed_and_retried(
+    db_path: Path, signer: SoftwareSigner
+) -> None:
+    token = "admin-token-0123456789abcdef"
+    auth = {"Authorization": f"Bearer {token}"}
+    clock = FakeClock()
+    async with (
+        GoRouteSim(api_keys={API_KEY}, clock=clock.now_s) as gsim,
+        SifenSim(tokens={SIFEN_TOKEN}, emisor=RUC, clock=clock.now_s) as ssim,
+        batch_gateway(db_path, signer, clock=clock, goroute_url=gsim.url, sifen_url=ssim.url) as gw,
+    ):
+        app = web.Application()
+        AdminApi(gw.engine, token).add_routes(app)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+                recs = await gw.sign([invoice_request(f"inv{i}") for i in range(5)])
+                bad = f"{recs[2].chain}:{recs[2].seq}"
+                gsim.outcomes[bad] = ("rejected", "VALIDATION_ERROR", "x")
+                async with http.post(url + "/v1/admin/process-pending", headers=auth) as r:
+                    assert r.status == 207
+                    results = {x["processor"]: x for x in (await r.json())["results"]}
+                assert results[GR]["accepted"] == 4 and results[GR]["rejected"] == 1
+                assert results[SF]["accepted"] == 5 and results[SF]["batches_created"] == 1
+                async with http.get(url + "/v1/admin/batch-stats", headers=auth) as r:
+                    stats = {x["processor"]: x for x in (await r.json())["stats"]}
+                assert stats[GR]["failure_rate"] == 0.2 and stats[SF]["accepted"] == 5
+                async with http.get(url + "/v1/admin/sync/review", headers=auth) as r:
+                    review = (await r.json())["review"]
+                assert [(x["processor"], x["seq"]) for x in review] == [(GR, recs[2].seq)]
+                async with http.get(url + "/v1/admin/sync/review") as r:
+                    assert r.status == 401
+                del gsim.outcomes[bad]
+                body = {"processor": GR, "chain": recs[2].chain, "seq": recs[2].seq}
+                retry_url = url + "/v1/admin/sync/review/retry"
+                async with http.post(retry_url, json=body, headers=auth) as r:
+                    assert r.status == 200
+                async with http.post(retry_url, json=body, headers=auth) as r:
+                    assert r.status == 404
+                async with http.post(url + "/v1/admin/process-pending", headers=auth) as r:
+                    assert r.status == 200
+                    results = {x["processor"]: x for x in (await r.json())["results"]}
+                assert results[GR]["accepted"] == 1
+                assert await gw.states(GR) == {"done": 5}
+        finally:
+            await runner.cleanup()
+
+
+def test_sync_engine_config_registers_both_batch_processors(tmp_path: Path) -> None:
+    import tomllib
+
+    from gateway.app import sync_engine
+    from gateway.config import parse_config
+
+    (tmp_path / "goroute.key").write_text(API_KEY + "\n")
+    (tmp_path / "sifen.token").write_text(SIFEN_TOKEN)
+    cfg = parse_config(
+        tomllib.loads(
+            f"""
+[gateway]
+state_dir = "{tmp_path}"
+[peppol]
+enabled = true
+base_url = "http://127.0.0.1:8710"
+api_key_file = "goroute.key"
+seller_name = "Boulangerie"
+seller_endpoint_id = "0009:12345678900011"
+seller_country = "FR"
+[sifen]
+enabled = true
+base_url = "http://127.0.0.1:8720"
+token_file = "sifen.token"
+ruc = "{RUC}"
+poll_interval_s = 45.0
+"""
+        )
+    )
+    engine = sync_engine(cfg)
+    assert engine.processor_ids() == (GR, SF)
+    sifen = engine.batch_processors[SF]
+    assert sifen.settings.poll_interval_s == 45.0 and sifen.settings.poll_timeout_s == 300.0
+    goroute = engine.batch_processors[GR]
+    assert goroute.sender.limits.max_docs == 100 and goroute.settings.rate_limit == 10
