@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from datetime import time as dtime
@@ -360,3 +361,50 @@ async def test_export_cli_spools_export_made_event(
     data = json.loads(spooled.read_bytes())
     assert data["payload"]["event"] == "EXPORT_MADE" and data["payload"]["records"] == 1
     assert parse_time(format_time(shop.clock.now))  # the clock is untouched by the CLI
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "export-format.md"
+
+
+def auditor_script(tmp_path: Path) -> Path:
+    """The program of docs/export-format.md ("Checking an archive with openssl and RFC 8785
+    alone"), exactly as written there."""
+    text = DOCS.read_text("utf-8")
+    after = text.split("<!-- auditor-script", 1)[1]
+    block = after.split("```python\n", 1)[1].split("\n```", 1)[0]
+    path = tmp_path / "check_archive.py"
+    path.write_text(block + "\n", "utf-8")
+    return path
+
+
+async def test_archive_checked_by_the_docs_auditor_program_without_gateway_code(
+    shop: Shop, make_sale: SaleFactory, tmp_path: Path
+) -> None:
+    await month_of_sales(shop, make_sale)
+    shop.clock.now = ms("2026-12-02T10:00:00+00:00")
+    await shop.scheduler.catch_up()
+    sold = await shop.sell(make_sale, 800)
+    fields = {k: v for k, v in make_sale("k", "till-1", 700).items() if k != "type"}
+    ref = {"chain": "till-1", "seq": sold["seq"]}
+    await shop.ask({**fields, "id": "k1", "op": "correction", "ref": ref})
+    await shop.ask({"id": "y1", "op": "close", "till": "till-1", "period": "YEARLY"})
+    root = tmp_path / "archives"
+    for kind in (MONTHLY, YEARLY):
+        await Archiver(shop.ledger, shop.reads, root, kind, clock_ms=shop.clock).run_due()
+    script = auditor_script(tmp_path)
+    archives = sorted(p for p in root.glob("till-1/*") if p.is_dir())
+    names = [p.name for p in archives]
+    assert names == ["MONTHLY-000001", "MONTHLY-000002", "MONTHLY-000003", "YEARLY-000001"]
+
+    def audit(out: Path) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, str(script), str(out)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+    for out in archives:
+        run = await asyncio.to_thread(audit, out)
+        assert run.returncode == 0 and run.stdout.strip() == "archive OK", (out, run.stderr)
+
+    data = (archives[1] / "records.jsonl").read_bytes()
+    (archives[1] / "records.jsonl").write_bytes(data.replace(b'"amount":250', b'"amount":251', 1))
+    run = await asyncio.to_thread(audit, archives[1])
+    assert run.returncode != 0 and "archive INVALID" in run.stderr
