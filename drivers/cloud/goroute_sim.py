@@ -200,3 +200,34 @@ class GoRouteSim(LoopbackServer):
                 j += 1
             best = max(best, i - j + 1)
         return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m drivers.cloud.goroute_sim --port 8710`` (API key ``sim-key``)."""
+    import argparse
+    import asyncio
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8710)
+    parser.add_argument("--api-key", default="sim-key")
+    parser.add_argument("--async-polls", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    async def serve() -> None:
+        sim = GoRouteSim(api_keys={args.api_key}, async_polls=args.async_polls)
+        await sim.start(args.port)
+        print(f"goroute simulator on {sim.url}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await sim.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -173,3 +173,37 @@ class SifenSim(LoopbackServer):
                 "resultados": results,
             },
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m drivers.cloud.sifen_sim --port 8720`` (token ``sim-token``)."""
+    import argparse
+    import asyncio
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8720)
+    parser.add_argument("--token", default="sim-token")
+    parser.add_argument("--emisor", default="80069563-1")
+    parser.add_argument("--processing-polls", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    async def serve() -> None:
+        sim = SifenSim(
+            tokens={args.token}, emisor=args.emisor, processing_polls=args.processing_polls
+        )
+        await sim.start(args.port)
+        print(f"sifen simulator on {sim.url}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await sim.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
