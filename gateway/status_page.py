@@ -392,13 +392,25 @@ class StatusPage:
         )
 
     async def retry(self, request: web.Request, form: dict[str, str], who: str) -> str:
+        """A batch item in review (``seq`` given): send it again; a real-time chain stopped
+        by a rejection: resume its uplink (the rejected record stays set aside)."""
         if self.m.sync is None:
             raise ActionRefused("no sync processor is configured")
+        processor, chain = form.get("processor", ""), form.get("chain", "")
+        batch = getattr(self.m.sync, "batch_processors", {}).get(processor)
+        if batch is not None:
+            try:
+                seq = int(form.get("seq", ""))
+            except ValueError:
+                raise ActionRefused("seq must be a number") from None
+            if not await batch.retry(chain, seq):
+                raise ActionRefused(f"{processor} {chain} #{seq} is not in review")
+            return f"{processor} {chain} #{seq} goes into the next batch"
         try:
-            uplink = await self.m.sync.resume(form.get("processor", ""), form.get("chain", ""))
+            uplink = await self.m.sync.resume(processor, chain)
         except KeyError:
-            raise ActionRefused(f"no processor {form.get('processor')!r}") from None
-        return f"{form.get('processor')} {form.get('chain')}: uplink {uplink.state}"
+            raise ActionRefused(f"no processor {processor!r}") from None
+        return f"{processor} {chain}: uplink {uplink.state}"
 
     async def test_page(self, request: web.Request, form: dict[str, str], who: str) -> str:
         if self.m.printer is None:

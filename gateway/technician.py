@@ -67,11 +67,13 @@ def _recent_records(r: Reader) -> list[dict[str, Any]]:
 
 
 def _review_and_events(r: Reader) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    # 'rejected': a real-time cloud refused it for good (its chain's uplink stopped);
+    # 'review': a batch processor set it aside (gateway.batch_sync). Neither is ever dropped.
     review = [
-        {"processor": p, "chain": c, "seq": s, "error": e, "since": t}
-        for p, c, s, e, t in r.conn.execute(
-            "SELECT processor, chain, seq, last_error, updated_at FROM outbox "
-            "WHERE state = 'rejected' ORDER BY processor, chain, seq LIMIT 200"
+        {"processor": p, "chain": c, "seq": s, "state": st, "error": e, "since": t}
+        for p, c, s, st, e, t in r.conn.execute(
+            "SELECT processor, chain, seq, state, last_error, updated_at FROM outbox "
+            "WHERE state IN ('rejected', 'review') ORDER BY processor, chain, seq LIMIT 200"
         )
     ]
     events = []

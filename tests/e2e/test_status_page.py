@@ -180,6 +180,12 @@ async def test_status_page_sales_paper_out_and_reprint_form_work_in_chromium(
 
     await until(action_recorded)
     await expect(page.locator("#events")).to_contain_text("ADMIN_ACTION", timeout=15_000)
+    # the test page goes to the real (fake) printer between receipts
+    await asyncio.to_thread(printer.wait_printed, 5)  # 4 sales + the duplicate
+    await page.click("#act-test-page")
+    await expect(page.locator(".flash")).to_contain_text("test-page: ok")
+    docs = await asyncio.to_thread(printer.wait_printed, 6)
+    assert any("TEST" in t.upper() for t in docs[-1].texts), docs[-1].texts
     await page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
     await page.close()
     assert errors == []

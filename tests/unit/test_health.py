@@ -68,3 +68,10 @@ def test_health_halted_or_budget_exhausted_is_red_and_keeps_amber_reasons() -> N
         }
     )
     assert assess_health(hard)["level"] == "red"
+
+
+def test_health_batch_items_set_aside_for_review_is_red() -> None:
+    status = with_(sync={"processors": [{"processor": "peppol/goroute", "needs_review": 2}]})
+    h = assess_health(status)
+    assert h["level"] == "red"
+    assert h["reasons"][0].startswith("peppol/goroute: 2 item(s) set aside for review")
