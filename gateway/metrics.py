@@ -71,8 +71,10 @@ class _StatusCollector(Collector):
         outbox = GaugeMetricFamily(
             "fiscal_gateway_outbox_depth", "records not yet synced", labels=["processor"]
         )
-        for processor, depth in sorted(s.get("outbox", {}).items()):
-            outbox.add_metric([processor], depth)
+        depths = s.get("outbox", {})
+        known = {p["processor"] for p in s.get("sync", {}).get("processors", [])}
+        for processor in sorted(known | set(depths)):  # 0 for a processor with nothing queued
+            outbox.add_metric([processor], depths.get(processor, 0))
         yield outbox
         replay = GaugeMetricFamily(
             "fiscal_gateway_replay_remaining",

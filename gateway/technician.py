@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from gateway.core.record import format_time
 from gateway.reads import ReadPool
 from gateway.store import Reader
 
@@ -66,6 +67,17 @@ def _recent_records(r: Reader) -> list[dict[str, Any]]:
     return out
 
 
+def _last_sync_ok(r: Reader) -> dict[str, str]:
+    """Per processor, when its last run that delivered records without a failure started."""
+    return {
+        p: format_time(ms)
+        for p, ms in r.conn.execute(
+            "SELECT processor, max(started_ms) FROM sync_runs WHERE accepted > 0 AND failed = 0 "
+            "AND errors_count = 0 AND run_error IS NULL GROUP BY processor"
+        )
+    }
+
+
 def _review_and_events(r: Reader) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     # 'rejected': a real-time cloud refused it for good (its chain's uplink stopped);
     # 'review': a batch processor set it aside (gateway.batch_sync). Neither is ever dropped.
@@ -89,14 +101,16 @@ def _review_and_events(r: Reader) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 
 async def technician_status(reads: ReadPool, public_pem: str, state_dir: Path) -> dict[str, Any]:
-    """The ``key``, ``disk``, ``review``, ``events`` and ``recent_records`` parts of the
-    status JSON."""
+    """The ``key``, ``disk``, ``review``, ``events``, ``recent_records`` and
+    ``last_sync_ok`` parts of the status JSON."""
     review, events = await reads.run(_review_and_events)
     records = await reads.run(_recent_records)
+    last_ok = await reads.run(_last_sync_ok)
     return {
         "key": {"fingerprint_sha256": key_fingerprint(public_pem)},
         "disk": disk_status(state_dir),
         "review": review,
         "events": events,
         "recent_records": records,
+        "last_sync_ok": last_ok,
     }

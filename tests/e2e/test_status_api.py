@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from sync_support import API_KEY, API_SECRET, SYSTEM_ID, make_sim
 
 from gateway.export import verify_export
 
@@ -164,3 +165,57 @@ async def test_admin_export_with_token_downloads_the_date_range(
     async with d.session().post(d.http_url + "/admin/export", data=form, headers=auth) as r:
         assert r.status == 409
         assert "no records" in (await r.json())["message"]
+
+
+def fiskaly_config(tmp_path: Path, sim: Any) -> str:
+    key, secret = tmp_path / "fiskaly.key", tmp_path / "fiskaly.secret"
+    key.write_text(API_KEY)
+    secret.write_text(API_SECRET)
+    for p in (key, secret):
+        p.chmod(0o600)
+    return config(tmp_path) + (
+        f'[fiskaly]\nenabled = true\nbase_url = "{sim.url}"\napi_key_file = "{key}"\n'
+        f'api_secret_file = "{secret}"\nsystem_id = "{SYSTEM_ID}"\ninterval_s = 600.0\n'
+        "connect_timeout_s = 1.0\nread_timeout_s = 0.5\ntotal_timeout_s = 2.0\n"
+        "retry_attempts = 2\nretry_min_s = 0.002\nretry_max_s = 0.05\n"
+        "probe_min_s = 0.05\nprobe_max_s = 0.2\n[sync]\nflush_interval_s = 0.1\n"
+    )
+
+
+async def test_status_offline_replay_and_sync_metrics_follow_the_cloud(
+    start_daemon: Any, make_pos_sale: Any, tmp_path: Path
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with make_sim() as sim:
+        await sim.down()
+        d = await start_daemon(fiskaly_config(tmp_path, sim))
+        for i in range(3):
+            reply = await d.request(make_pos_sale(f"o{i}"))
+            assert reply["ok"] and reply["record"]["offline"], reply
+        async with d.session().get(d.http_url + "/metrics") as r:
+            text = await r.text()
+        assert metric(text, 'fiscal_gateway_outbox_depth{processor="france/fiskaly"}') == 3
+        assert (
+            metric(
+                text, 'fiscal_gateway_replay_remaining{chain="till-1",processor="france/fiskaly"}'
+            )
+            == 3
+        )
+        assert metric(text, 'fiscal_gateway_health{level="amber"}') == 1
+        async with d.session().get(d.http_url + "/fragment") as r:
+            html = await r.text()
+        assert 'data-level="amber"' in html and "france/fiskaly: cloud offline" in html
+        assert "3 unsent" in html and 'class="last-sync">never<' in html
+
+        await sim.up()
+        async with d.session().post(d.http_url + "/admin/process-pending", headers=auth) as r:
+            assert r.status == 200, await r.text()
+            assert "france/fiskaly: ok" in (await r.json())["message"]
+        _, st = await d.http_get("/v1/status")
+        assert st["outbox"].get("france/fiskaly", 0) == 0
+        assert st["last_sync_ok"]["france/fiskaly"].endswith("Z")
+        async with d.session().get(d.http_url + "/metrics") as r:
+            text = await r.text()
+        labels = '{processor="france/fiskaly",result="accepted"}'
+        assert metric(text, "fiscal_gateway_sync_items_24h" + labels) >= 3
+        assert metric(text, 'fiscal_gateway_outbox_depth{processor="france/fiskaly"}') == 0
