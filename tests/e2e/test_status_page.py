@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing
@@ -186,6 +187,14 @@ async def test_status_page_sales_paper_out_and_reprint_form_work_in_chromium(
     await expect(page.locator(".flash")).to_contain_text("test-page: ok")
     docs = await asyncio.to_thread(printer.wait_printed, 6)
     assert any("TEST" in t.upper() for t in docs[-1].texts), docs[-1].texts
+    # an export of today downloaded through the form (CSRF token and all)
+    async with page.expect_download() as download_info:
+        await page.click("#act-export")
+    download = await download_info.value
+    saved = tmp_path / download.suggested_filename
+    await download.save_as(saved)
+    with tarfile.open(saved) as tar:
+        assert "export/manifest.json" in tar.getnames()
     await page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
     await page.close()
     assert errors == []
