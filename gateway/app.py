@@ -211,7 +211,8 @@ class App:
             status=self.status,
             spawn=lambda coro: tg.create_task(coro),
             lookup=self._lookup,
-            offline=self.sync if self.sync.processors else None,
+            # batch processors too: a signed record wakes them (guard/budget are no-ops)
+            offline=self.sync if self.sync.processor_ids() else None,
             clock_ms=journal.clock.now_ms,
         )
         self.dispatcher = dispatcher
