@@ -240,10 +240,7 @@ class BatchProcessor:
             stats = RunStats(self.id)
             self.next_wake_ms = None
             opened = await self._open_batches()
-            try:
-                opened += await self._submit_pending(stats)
-            except CloudError as exc:
-                stats.run_error = f"{exc.code}: {exc.message}"
+            await self._submit_pending(stats, opened)
             if opened:
                 await self._poll_all(opened, stats)
             stats.errors_count = self.sender.errors - errors0
@@ -301,14 +298,15 @@ class BatchProcessor:
         assert reads is not None
         return await reads.run(q)
 
-    async def _submit_pending(self, stats: RunStats) -> list[_Open]:
-        opened: list[_Open] = []
+    async def _submit_pending(self, stats: RunStats, opened: list[_Open]) -> None:
+        """Submit what is pending, within the rate; batches still open go into ``opened``.
+        A submit the cloud did not take ends it (``run_error``): its items are failed."""
         limits = self.sender.limits
         after = ("", 0)
         while True:
             page = await self._fetch(after)
             if not page:
-                return opened
+                return
             after = (page[-1][1].chain, page[-1][1].seq)
             docs: list[tuple[int, Record, Document]] = []
             settle: list[tuple[str, int, str, str | None]] = []  # chain, seq, state, error
@@ -339,7 +337,7 @@ class BatchProcessor:
                 )
                 if wait > 0:
                     self.next_wake_ms = now + wait
-                    return opened
+                    return
                 await self._take_token(now, window_ms)
                 stats.batches_created += 1
                 if any(a > 0 for a, _, _ in batch):
@@ -347,13 +345,14 @@ class BatchProcessor:
                 stats.chains.update(r.chain for _, r, _ in batch)
                 try:
                     sub = await self.sender.submit([d for _, _, d in batch])
-                except CloudError:
+                except CloudError as exc:
                     stats.failed += len(batch)
+                    stats.run_error = f"{exc.code}: {exc.message}"
                     await self._settle(
-                        [(r.chain, r.seq, "pending", "batch not taken") for _, r, _ in batch],
+                        [(r.chain, r.seq, "pending", stats.run_error[:500]) for _, r, _ in batch],
                         attempt=True,
                     )
-                    raise
+                    return
                 o = await self._record_batch(sub, batch)
                 done = [
                     (o.items[d][0], o.items[d][1], r)

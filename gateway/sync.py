@@ -877,7 +877,7 @@ class SyncEngine:
         ledger = self.ledger
         heads = {c: h.seq for c, h in ledger.heads().items()} if ledger else {}
         offline = []
-        sync = []
+        sync: list[dict[str, Any]] = []
         red = False
         for p in self.processors.values():
             chains = []
@@ -923,7 +923,7 @@ class SyncEngine:
         for bp in self.batch_processors.values():
             # items set aside for review are a person's job: red until they are dealt with
             red = red or bp.alerting or bp.review_count > 0
-            sync.append(bp.status())
+            sync.append({**bp.status(), "review": await bp.review(limit=20)})
         return {
             "offline": {"processors": offline},
             "sync": {"health": "red" if red else "green", "processors": sync},

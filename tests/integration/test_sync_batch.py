@@ -78,7 +78,7 @@ async def test_goroute_1050_invoices_11_batches_never_over_10_per_minute(
         GoRouteSim(api_keys={API_KEY}, clock=clock.now_s) as sim,
         batch_gateway(db_path, signer, clock=clock, goroute_url=sim.url) as gw,
     ):
-        records = await gw.sign([invoice_request(f"inv{i}") for i in range(1050)])
+        records = await gw.sign([invoice_request(f"inv{i}", incl=i % 2 == 0) for i in range(1050)])
         first = await gw.processor(GR).run_once("admin")
         assert first.batches_created == 10 and first.accepted == 1000
         # the bucket is empty: another run within the minute sends nothing
@@ -142,6 +142,7 @@ async def test_goroute_mixed_results_classified_accepted_review_failed(
         status = await gw.engine.status()
         row = next(p for p in status["sync"]["processors"] if p["processor"] == GR)
         assert row["needs_review"] == 2 and status["sync"]["health"] == "red"
+        assert [r["seq"] for r in row["review"]] == [recs[1].seq, recs[2].seq]
         # the failed ones go into a later batch, counted as retried
         del sim.outcomes[ids[3]]
         clock.advance(1)
