@@ -44,8 +44,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for c in report.chains:
         if c.failure is None:
             print(
-                f"chain {c.chain}: OK, {c.records} records, {c.closings} closings, "
-                f"head seq {c.head_seq}"
+                f"chain {c.chain}: OK, {c.records} records, head seq {c.head_seq}, "
+                f"{c.closings} closings"
             )
         else:
             f = c.failure
