@@ -24,6 +24,7 @@ import json
 import os
 import re
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,26 +305,36 @@ def _where(line: bytes) -> tuple[str, int] | None:
 
 
 class _ExportLookup:
-    """Records of an export by chain and seq: records.jsonl (by offset) and references."""
+    """Records of an export by chain and seq: records.jsonl (by offset) and references.
 
-    def __init__(self, path: Path, references: dict[tuple[str, int], bytes]) -> None:
+    One 8-byte offset per record: each chain's lines are contiguous in seq from the
+    manifest's ``first_seq``, so the offsets are an array indexed by ``seq − first_seq``.
+    A line out of that order is not indexed (the walk reports it)."""
+
+    def __init__(
+        self, path: Path, references: dict[tuple[str, int], bytes], first: dict[str, int]
+    ) -> None:
         self.references = references
-        self.offsets: dict[tuple[str, int], tuple[int, int]] = {}
+        self.first = first
+        self.offsets: dict[str, array[int]] = {c: array("q") for c in first}
         self.f = open(path, "rb")  # noqa: SIM115 - closed in close()
         offset = 0
         for line in self.f:
             where = _where(line)
-            if where is not None:
-                self.offsets.setdefault(where, (offset, len(line)))
+            if where is not None and where[0] in self.offsets:
+                index = self.offsets[where[0]]
+                if where[1] == first[where[0]] + len(index):
+                    index.append(offset)
             offset += len(line)
 
     def __call__(self, chain: str, seq: int) -> bytes | None:
-        found = self.offsets.get((chain, seq))
-        if found is None:
+        index = self.offsets.get(chain)
+        i = seq - self.first.get(chain, 0)
+        if index is None or not 0 <= i < len(index):
             return self.references.get((chain, seq))
-        self.f.seek(found[0])
+        self.f.seek(index[i])
         try:
-            return parse_line(self.f.read(found[1])).body
+            return parse_line(self.f.readline()).body
         except ValueError:
             return None
 
@@ -368,7 +379,11 @@ def verify_export(out_dir: Path) -> ExportCheck:
                 raise ExportInvalid(f"{name} does not match its hash in the manifest")
             records_changed = True  # the walk below names the first record that changed
     references = _references(out_dir, manifest, ring)
-    lookup = _ExportLookup(out_dir / "records.jsonl", references)
+    try:
+        first = {c["chain"]: int(c["first_seq"]) for c in manifest["chains"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportInvalid(f"manifest chains are malformed: {exc!r}") from exc
+    lookup = _ExportLookup(out_dir / "records.jsonl", references, first)
     archive = manifest.get("archive")
     try:
         try:

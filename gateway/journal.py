@@ -49,6 +49,8 @@ log = logging.getLogger("gateway.journal")
 WATCH_S = 1.0
 #: Seconds between looks at the sync engine's uplinks and offline budgets.
 UPLINK_POLL_S = 2.0
+#: Seconds between looks for closings (made on request) still without an archive.
+ARCHIVE_POLL_S = 60.0
 
 
 def schedule_of(cfg: Config) -> Schedule:
@@ -204,8 +206,21 @@ class FiscalJournal:
         if self.scheduler is not None:
             tg.create_task(self.scheduler.run(), name="closing schedule")
         tg.create_task(self._watch(), name="integrity watch")
+        if self.archiver is not None:
+            tg.create_task(self._archive_loop(self.archiver), name="archives")
         if self.uplink_status is not None:
             tg.create_task(self._watch_uplinks(self.uplink_status), name="uplink watch")
+
+    async def _archive_loop(self, archiver: Archiver) -> None:
+        """Archives of closings the POS asked for (scheduled ones are archived at once)."""
+        while True:
+            await asyncio.sleep(ARCHIVE_POLL_S)
+            try:
+                await archiver.run_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("archive run failed")
 
     async def _watch_uplinks(self, status: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         previous: dict[str, Any] | None = None
