@@ -8,9 +8,11 @@ The daemon's wall clock is moved with the test-only ``FISCAL_GATEWAY_TEST_CLOCK_
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -170,4 +172,29 @@ async def test_daemon_close_op_over_socket_and_http_prints_z_report(
     assert (bad, refused["error"]["code"]) == (400, "VALIDATION_ERROR")
     text = printed.read_text()
     assert "CLOSING::DAILY" not in text  # only the closing asked for is printed
+    journal_ok(d)
+
+
+async def test_daemon_config_changed_on_reload_and_on_restart_recorded(
+    start_daemon: StartDaemon, make_pos_sale: Any
+) -> None:
+    d = await start_daemon(NO_SCHEDULE)
+    assert (await d.request(make_pos_sale("s1")))["ok"]
+    await d.restart()  # START now has a chain to go to
+    first = events(d, "START")[-1]["payload"]["config_sha256"]
+    d.config_path.write_text(NO_SCHEDULE + "event_window_s = 30.0\n", "utf-8")
+    d.proc.send_signal(signal.SIGHUP)
+    reloaded = await wait_for(lambda: events(d, "CONFIG_CHANGED"), "CONFIG_CHANGED on SIGHUP")
+    await d.restart()
+    assert await d.stop() == 0
+
+    changes = [e["payload"] for e in events(d, "CONFIG_CHANGED")]
+    new = hashlib.sha256(d.config_path.read_bytes()).hexdigest()
+    assert reloaded[0]["payload"] == {
+        "event": "CONFIG_CHANGED",
+        "config_sha256": new,
+        "previous_sha256": first,
+        "reloaded": True,
+    }
+    assert changes[1] == {"event": "CONFIG_CHANGED", "config_sha256": new, "previous_sha256": first}
     journal_ok(d)

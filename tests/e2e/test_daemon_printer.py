@@ -4,6 +4,7 @@ subprocess configured with ``[printer] kind = "serial"`` pointing at the pty."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -98,6 +99,16 @@ async def test_daemon_serial_printer_prints_receipts_and_reports_paper_out(
 
     await until(printed_two)
     assert "PRINTER_FAULT" in d.stderr_text() and "PRINTER_RECOVERED" in d.stderr_text()
+
+    async def recorded() -> bool:  # technical events in the chain (docs/events.md)
+        rows = d.query("SELECT body FROM records WHERE type = 'INTENTION::EVENT' ORDER BY seq")
+        events = [json.loads(bytes(b))["payload"] for (b,) in rows]
+        return [(e["event"], e["problem"]) for e in events] == [
+            ("PRINTER_FAULT", "paper out"),
+            ("PRINTER_RECOVERED", None),
+        ]
+
+    await until(recorded)
 
 
 async def test_daemon_killed_while_printing_prints_duplicate_after_restart(

@@ -408,3 +408,30 @@ async def test_archive_checked_by_the_docs_auditor_program_without_gateway_code(
     (archives[1] / "records.jsonl").write_bytes(data.replace(b'"amount":250', b'"amount":251', 1))
     run = await asyncio.to_thread(audit, archives[1])
     assert run.returncode != 0 and "archive INVALID" in run.stderr
+
+
+def test_config_journal_bad_values_named_with_their_field_path() -> None:
+    from gateway.config import parse_config
+    from gateway.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {
+                "journal": {
+                    "time_zone": "Europe/Atlantis",
+                    "closing_time": "4h",
+                    "fiscal_year_end": "02-29",
+                    "clock_jump_threshold_s": 0,
+                    "archive_period": "WEEKLY",
+                }
+            }
+        )
+    assert {d.field for d in info.value.details} == {
+        "journal.time_zone",
+        "journal.closing_time",
+        "journal.fiscal_year_end",
+        "journal.clock_jump_threshold_s",
+        "journal.archive_period",
+    }
+    ok = parse_config({"journal": {"time_zone": "Europe/Paris", "closing_time": ""}})
+    assert ok.journal.time_zone == "Europe/Paris" and ok.journal.closing_time == ""
