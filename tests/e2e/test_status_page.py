@@ -198,6 +198,8 @@ async def test_status_page_sales_paper_out_and_reprint_form_work_in_chromium(
     await page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
     await page.close()
     assert errors == []
+    # stop while the printer fake still answers (fixtures are torn down before the daemon)
+    assert await d.stop() == 0
 
 
 async def test_status_page_ledger_halted_turns_red_and_health_503(
