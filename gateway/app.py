@@ -31,7 +31,7 @@ from drivers.cloud.fiskaly import FiskalyClient, FiskalySettings, FiskalyUplink
 from drivers.cloud.goroute import GoRouteSettings, GoRouteUplink
 from drivers.cloud.sifen import SifenSettings, SifenUplink
 from drivers.printers.device import EscposPrinter
-from drivers.printers.escpos import PROFILES, Layout, encode_test_page
+from drivers.printers.escpos import PROFILES, Layout, Profile, encode_test_page
 from drivers.printers.transport import (
     FileTransport,
     SerialTransport,
@@ -188,7 +188,10 @@ class App:
             self.printer = PrintWorker(
                 ledger,
                 self.reads,
-                VirtualPrinter(cfg.gateway.state_dir / "printer" / "virtual-printer.txt"),
+                VirtualPrinter(
+                    cfg.gateway.state_dir / "printer" / "virtual-printer.txt",
+                    escpos=escpos_format(cfg.printer),
+                ),
                 header=cfg.gateway.id,
                 on_event=journal.printer_event,
             )
@@ -585,20 +588,8 @@ def register_batch_uplinks(cfg: Config, engine: SyncEngine) -> None:
         engine.register_batch(BatchProcessor(engine, sifen, settings))
 
 
-def escpos_printer(p: PrinterSection) -> EscposPrinter:
-    """The ESC/POS printer that ``[printer]`` describes (kind serial, network or file)."""
-    transport: Transport
-    wire_bytes_per_s: float | None = None
-    if p.kind == "serial":
-        transport = SerialTransport(
-            p.device, baud=p.baud, parity=p.parity, flow_control=p.flow_control
-        )
-        # start bit + 8 data bits (+ parity) + stop bit per byte
-        wire_bytes_per_s = p.baud / (10 if p.parity == "none" else 11)
-    elif p.kind == "network":
-        transport = SocketTransport(p.device, connect_timeout_s=p.write_timeout_s)
-    else:
-        transport = FileTransport(p.device)
+def escpos_format(p: PrinterSection) -> tuple[Profile, Layout]:
+    """The ESC/POS profile and page layout that ``[printer]`` describes."""
     profile = PROFILES[p.profile]
     if p.code_page:
         profile = replace(profile, code_page=p.code_page)
@@ -615,6 +606,24 @@ def escpos_printer(p: PrinterSection) -> EscposPrinter:
         drawer_kick=p.drawer_kick,
         status_back=p.status_back,
     )
+    return profile, layout
+
+
+def escpos_printer(p: PrinterSection) -> EscposPrinter:
+    """The ESC/POS printer that ``[printer]`` describes (kind serial, network or file)."""
+    transport: Transport
+    wire_bytes_per_s: float | None = None
+    if p.kind == "serial":
+        transport = SerialTransport(
+            p.device, baud=p.baud, parity=p.parity, flow_control=p.flow_control
+        )
+        # start bit + 8 data bits (+ parity) + stop bit per byte
+        wire_bytes_per_s = p.baud / (10 if p.parity == "none" else 11)
+    elif p.kind == "network":
+        transport = SocketTransport(p.device, connect_timeout_s=p.write_timeout_s)
+    else:
+        transport = FileTransport(p.device)
+    profile, layout = escpos_format(p)
     return EscposPrinter(
         transport,
         profile,

@@ -88,7 +88,7 @@ class TillsSection:
 
 @dataclass(frozen=True, slots=True)
 class PrinterSection:
-    """The receipt printer (docs/printing.md)."""
+    """The receipt printer (docs/printers.md)."""
 
     kind: str = "virtual"
     print_receipts: bool = True

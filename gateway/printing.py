@@ -213,11 +213,17 @@ class PrintWorker:
         jobs = await self.reads.run(self._pending)
         if not jobs:
             return False
-        texts = [
-            render_text(rec.to_json(), receipt_data(rec), header=self.header, original=orig)
-            for _, rec, orig in jobs
-        ]
-        await asyncio.to_thread(self.printer.print_texts, texts)
+        printer = self.printer
+        out: list[tuple[str, str, bytes | None]] = []
+        for job_id, rec, orig in jobs:
+            doc, receipt = rec.to_json(), receipt_data(rec)
+            text = render_text(doc, receipt, header=self.header, original=orig)
+            data = None
+            if printer.escpos is not None:
+                profile, layout = printer.escpos
+                data = encode_document(doc, receipt, profile=profile, layout=layout, original=orig)
+            out.append((f"{job_id:08d}-{rec.chain}-{rec.seq}", text, data))
+        await asyncio.to_thread(printer.print_jobs, out)
         done = [job_id for job_id, _, _ in jobs]
         self.printed += len(done)
         await self._mark_many(done, "printed")

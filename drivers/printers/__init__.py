@@ -1,2 +1,2 @@
 """Receipt printers: the ESC/POS encoder and status decoder (pure), transports (serial,
-network, file), one printer's device driver, and the virtual printer (docs/printing.md)."""
+network, file), one printer's device driver, and the virtual printer (docs/printers.md)."""

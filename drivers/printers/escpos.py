@@ -5,7 +5,7 @@ same bytes, so tests compare them byte for byte (as python-escpos's tests do). S
 bytes, asking for status and waiting for print confirmations is
 :mod:`drivers.printers.device`'s job; what a status byte means is :mod:`.status`'s.
 
-Rules this module implements (docs/printing.md):
+Rules this module implements (docs/printers.md):
 
 - Every document starts with ``ESC @`` and, right after it, the profile's one fixed code page
   (``ESC t n``) and the USA international set (``ESC R 0``): ``ESC @`` resets both to whatever

@@ -81,15 +81,53 @@ def render_text(
 
 
 class VirtualPrinter:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    """Prints to files under ``path.parent``: every document is appended as text to ``path``
+    (one running roll to read), and, when ``escpos`` (profile, layout) is given, each job also
+    gets ``jobs/<job id>-<chain>-<seq>.bin`` with the exact ESC/POS bytes a real printer of that
+    profile would receive and ``.txt`` with the same document as text beside it."""
 
-    def print_texts(self, texts: list[str]) -> None:
-        """Append documents, then fsync once: printed means on disk (blocking: use a thread)."""
+    def __init__(self, path: Path, *, escpos: tuple[Any, Any] | None = None) -> None:
+        self.path = path
+        self.escpos = escpos
+        self.jobs_dir = path.parent / "jobs"
+
+    def print_jobs(self, jobs: list[tuple[str, str, bytes | None]]) -> None:
+        """Write ``(name, text, escpos_bytes)`` jobs, then fsync: printed means on disk.
+
+        Blocking: call from a thread."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if any(data is not None for _, _, data in jobs):
+            self.jobs_dir.mkdir(exist_ok=True, mode=0o700)
+        for name, text, data in jobs:
+            if data is not None:
+                _write_file(self.jobs_dir / f"{name}.bin", data)
+                _write_file(self.jobs_dir / f"{name}.txt", text.encode("utf-8"))
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, "".join(texts).encode("utf-8"))
+            os.write(fd, "".join(text for _, text, _ in jobs).encode("utf-8"))
             os.fsync(fd)
         finally:
             os.close(fd)
+        if self.jobs_dir.exists():
+            _fsync_dir(self.jobs_dir)
+
+    def print_texts(self, texts: list[str]) -> None:
+        """Append text documents only (no per-job files)."""
+        self.print_jobs([("", t, None) for t in texts])
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -8,6 +8,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from drivers.printers.escpos import PROFILES, Layout
 from drivers.printers.virtual import VirtualPrinter
 from drivers.signers.software import SoftwareSigner
 from gateway.core.request import Rules
@@ -46,7 +47,12 @@ async def test_print_worker_sale_and_reprint_prints_documents_and_marks_jobs(
     reads = ReadPool(db)
     out = tmp_path / "printer" / "virtual-printer.txt"
     worker = PrintWorker(
-        ledger, reads, VirtualPrinter(out), header="SHOP", poll_s=0.05, coalesce_s=0.0
+        ledger,
+        reads,
+        VirtualPrinter(out, escpos=(PROFILES["generic"], Layout(merchant="SHOP"))),
+        header="SHOP",
+        poll_s=0.05,
+        coalesce_s=0.0,
     )
     task = asyncio.create_task(worker.run())
     try:
@@ -76,6 +82,21 @@ async def test_print_worker_sale_and_reprint_prints_documents_and_marks_jobs(
     assert "DUPLICATA - COPY 1" in second and "Café crème" in second
     assert "till-1-D-00000001" in second
     assert oct(out.stat().st_mode & 0o777) == "0o600"
+    # one ESC/POS file per job with its text rendering beside it
+    jobs = sorted((out.parent / "jobs").iterdir())
+    assert [p.name for p in jobs] == [
+        "00000001-till-1-1.bin",
+        "00000001-till-1-1.txt",
+        "00000002-till-1-2.bin",
+        "00000002-till-1-2.txt",
+    ]
+    sale_bytes = jobs[0].read_bytes()
+    assert sale_bytes.startswith(b"\x1b@")  # ESC @ first
+    assert b"\x1dV" in sale_bytes  # the cut
+    assert "Café crème".encode("cp858") in sale_bytes  # the configured code page
+    assert sale["receipt"]["qr"].encode("ascii") in sale_bytes  # native QR payload
+    assert b"DUPLICATA" in jobs[2].read_bytes()
+    assert "Café crème" in jobs[1].read_text() and "DUPLICATA" in jobs[3].read_text()
     with closing(sqlite3.connect(db)) as conn:
         states = conn.execute("SELECT state FROM print_jobs ORDER BY id").fetchall()
     assert states == [("printed",), ("printed",)]
