@@ -38,7 +38,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_daemon(state: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], float]:
+def start_daemon(
+    state: Path, env_extra: dict[str, str], config: Path | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
     notify = state.parent / "notify.sock"
     ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     ns.bind(str(notify))
@@ -46,11 +48,10 @@ def start_daemon(state: Path, env_extra: dict[str, str]) -> tuple[subprocess.Pop
     env = {**os.environ, "NOTIFY_SOCKET": str(notify), **env_extra}
     exe = Path(sys.executable).with_name("fiscal-gateway")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [str(exe), "run", "--state-dir", str(state), "--http", ""],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
+    cmd = [str(exe), "run", "--state-dir", str(state), "--http", ""]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     try:
         while True:
             msg = ns.recv(4096).decode()
@@ -88,7 +89,12 @@ def pct(values: list[float], p: float) -> float:
 async def run(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fg-bench-"))
     state = tmp / "state"
-    proc, ready_s = start_daemon(state, {})
+    config = None
+    if args.printer != "virtual":
+        config = tmp / "bench.toml"
+        config.write_text(f'[printer]\nkind = "{args.printer}"\n')
+    proc, ready_s = start_daemon(state, {}, config)
+    print(f"printer: {args.printer}")
     sock = state / "pos.sock"
     print(f"cold start to READY: {ready_s * 1000:.0f} ms")
     try:
@@ -154,6 +160,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--soak-s", type=float, default=0)
     p.add_argument("--rate", type=int, default=50)
+    p.add_argument(
+        "--printer",
+        choices=["virtual", "none"],
+        default="virtual",
+        help="virtual (the embedded default) prints every receipt to files",
+    )
     asyncio.run(run(p.parse_args()))
 
 

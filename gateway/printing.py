@@ -214,16 +214,24 @@ class PrintWorker:
         if not jobs:
             return False
         printer = self.printer
-        out: list[tuple[str, str, bytes | None]] = []
-        for job_id, rec, orig in jobs:
-            doc, receipt = rec.to_json(), receipt_data(rec)
-            text = render_text(doc, receipt, header=self.header, original=orig)
-            data = None
-            if printer.escpos is not None:
-                profile, layout = printer.escpos
-                data = encode_document(doc, receipt, profile=profile, layout=layout, original=orig)
-            out.append((f"{job_id:08d}-{rec.chain}-{rec.seq}", text, data))
-        await asyncio.to_thread(printer.print_jobs, out)
+
+        def render_and_print() -> None:
+            # Rendering and encoding are CPU work: done here, in a worker thread, with the
+            # file writes, so the event loop keeps serving requests meanwhile.
+            out: list[tuple[str, str, bytes | None]] = []
+            for job_id, rec, orig in jobs:
+                doc, receipt = rec.to_json(), receipt_data(rec)
+                text = render_text(doc, receipt, header=self.header, original=orig)
+                data = None
+                if printer.escpos is not None:
+                    profile, layout = printer.escpos
+                    data = encode_document(
+                        doc, receipt, profile=profile, layout=layout, original=orig
+                    )
+                out.append((f"{job_id:08d}-{rec.chain}-{rec.seq}", text, data))
+            printer.print_jobs(out)
+
+        await asyncio.to_thread(render_and_print)
         done = [job_id for job_id, _, _ in jobs]
         self.printed += len(done)
         await self._mark_many(done, "printed")
@@ -455,11 +463,19 @@ class PrintWorker:
 
     async def _mark_many(self, job_ids: list[int], state: str) -> None:
         def mark(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "UPDATE print_jobs SET state = ?, attempts = attempts + 1, "
-                "updated_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id = ?",
-                [(state, i) for i in job_ids],
-            )
+            # One transaction: the writer connection is in autocommit mode, where each UPDATE
+            # of an executemany would be its own commit and fsync.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "UPDATE print_jobs SET state = ?, attempts = attempts + 1, "
+                    "updated_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') WHERE id = ?",
+                    [(state, i) for i in job_ids],
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
         await self.ledger.control(mark)
 

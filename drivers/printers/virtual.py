@@ -108,8 +108,6 @@ class VirtualPrinter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        if self.jobs_dir.exists():
-            _fsync_dir(self.jobs_dir)
 
     def print_texts(self, texts: list[str]) -> None:
         """Append text documents only (no per-job files)."""
@@ -117,17 +115,10 @@ class VirtualPrinter:
 
 
 def _write_file(path: Path, data: bytes) -> None:
+    # No fsync per job file: the roll file's fsync below marks the batch printed, and two
+    # more fsyncs per receipt would compete with the journal's commits for the disk.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
