@@ -359,35 +359,52 @@ async def test_sync_422_rejects_record_stops_chain_alerts_and_resume_continues(
 async def test_sync_second_call_failed_first_call_id_kept_no_duplicate_after_cache_expiry(
     db_path: Path, signer: SoftwareSigner
 ) -> None:
+    # Probes far apart (15-30 s): nothing retries on its own while the test runs, so each
+    # step is driven by an admin run that returns only when its writes and its alert are
+    # done. Waiting instead for the uplink to read "offline" raced twice: it already reads
+    # offline (from the outage) between the simulator drawing the last 500 and the gateway
+    # storing cloud_ref, and with fast probes the retry makes it online again within ~20 ms,
+    # before the cloud's clock was advanced (so the cache expiry was not even exercised).
+    slow_probe = ProcessorSettings(interval_s=30.0, probe_min_s=30.0, probe_max_s=30.0)
+
+    async def outbox_row(seq: int) -> tuple[str, str | None]:
+        return await gw.reads.run(
+            lambda r: r.conn.execute(
+                "SELECT state, cloud_ref FROM outbox WHERE chain = 'till-1' AND seq = ?", (seq,)
+            ).fetchone()
+        )
+
     async with make_sim() as sim:
         await sim.down()
-        async with gateway(db_path, signer, sim.url, retry_attempts=2) as gw:
+        async with gateway(db_path, signer, sim.url, processor=slow_probe, retry_attempts=2) as gw:
             (record,) = await cloud_down_then_sign(gw, 1)
             # the intention goes through, the receipt call fails every attempt
             sim.faults.script = ["none", "error500", "error500"]
             await sim.up()
             p = gw.processor
-            await wait_for(
-                lambda: p.uplink("till-1").state == OFFLINE and not sim.faults.script,
-                10,
-                "receipt failed",
-            )
-            ref = await gw.reads.run(
-                lambda r: r.conn.execute(
-                    "SELECT cloud_ref FROM outbox WHERE chain = 'till-1' AND seq = 1"
-                ).fetchone()[0]
-            )
-            assert ref == sim.records[0]["id"]
+            (run,) = await gw.engine.process_pending()
+            assert (run.accepted, run.failed, run.alert_triggered) == (0, 1, True)
+            assert sim.faults.script == [] and sim.statuses[500] == 2
+            assert [r["cloud_type"] for r in sim.records] == ["INTENTION::TRANSACTION"]
+            # the first call's cloud id is stored with the record still pending
+            assert await outbox_row(1) == ("pending", sim.records[0]["id"])
+            assert p.uplink("till-1").state == OFFLINE  # probed again in 15-30 s only
+            records = await chain_records(gw)  # the sale and the alert its failure raised
+            assert records[0] == record and records[1].payload["event"] == "SYNC_ALERT"
+            assert len(records) == 2
             sim.advance(25 * 3600)  # the cloud forgot the idempotency keys (24 h)
-            await wait_for(lambda: p.uplink("till-1").state == ONLINE, 20, "sent")
+            (run,) = await gw.engine.process_pending()  # the retry, after the expiry
+            assert (run.accepted, run.failed, run.rejected) == (2, 0, 0)
+            assert p.uplink("till-1").state == ONLINE
             assert sim.duplicates == 0
             assert [r["cloud_type"] for r in sim.records if r["seq"] == 1] == [
                 "INTENTION::TRANSACTION",
                 "TRANSACTION::RECEIPT",
             ]
-            records = await chain_records(gw)  # the sale and the alert its failure raised
-            assert records[0] == record and records[1].payload["event"] == "SYNC_ALERT"
+            assert await chain_records(gw) == records  # nothing else was signed
             check_upstream(sim, records, exact_remaining=False)
+            await wait_for(lambda: all_written(gw), 10, "accepted marks written")
+            assert await outbox_row(1) == ("done", sim.records[0]["id"])
 
 
 # ---------------------------------------------------------------------- budget
