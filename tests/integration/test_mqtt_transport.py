@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
@@ -366,13 +367,27 @@ async def test_mqtt_requests_read_but_unanswered_at_stop_are_redelivered_and_sig
     # the broker delivers it again to the next gateway session (auto-ack would lose it).
     cfg = gateway_cfg(broker, max_inflight_per_till=200, max_queued_per_till=200)
     ids = [f"r{i}" for i in range(150)]
+    # The ledger writer is parked while the first session reads the requests, so none of them
+    # can be answered before the stop (the condition under test, made certain, not raced).
+    entered, release = threading.Event(), threading.Event()
+
+    def park(conn: object) -> None:
+        entered.set()
+        release.wait(30)
+
     async with Till(broker.port) as till:
-        async with serving(ledger, cfg) as first:
-            await asyncio.gather(*(till.send(sale(i)) for i in ids))
-            await wait_until(lambda: first.replied >= 1, what="a first reply")
-            await first.stop(0.0)  # in-flight requests are cancelled before replying
+        parked = asyncio.create_task(ledger.control(park))
+        try:
+            assert await asyncio.to_thread(entered.wait, 30), "writer did not park"
+            async with serving(ledger, cfg) as first:
+                await asyncio.gather(*(till.send(sale(i)) for i in ids))
+                await wait_until(lambda: first.received == len(ids), what="all requests read")
+                await first.stop(0.0)  # in-flight requests are cancelled before replying
+        finally:
+            release.set()
+            await parked
         unanswered = first.received - first.replied
-        assert unanswered > 0, (first.received, first.replied)
+        assert unanswered == len(ids), (first.received, first.replied)
         async with serving(ledger, cfg) as second:
             await wait_until(lambda: set(till.by_id) == set(ids), what="every reply")
             assert second.received >= unanswered
