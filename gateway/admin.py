@@ -12,6 +12,10 @@
 - ``POST /v1/admin/sync/review/retry`` ``{"processor", "chain", "seq"}``: send a reviewed
   item again (after its cause was corrected); 404 when it is not in review.
 
+Every state-changing call (process-pending, resume, retry) leaves an ``ADMIN_ACTION``
+technical event (``who`` = ``admin-api``, ``action``, ``input``, ``outcome``) through the
+``record_event`` callable the composition root passes in (the event journal).
+
 Every request needs ``Authorization: Bearer <token>``, the token read once at start-up from
 ``http.admin_token_file`` and compared in constant time (``hmac.compare_digest``). A wrong or
 missing token — or no token configured — gets 401 before anything is looked at, so nothing
@@ -25,6 +29,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -47,10 +52,23 @@ def read_token(path: Path) -> str:
     return token
 
 
+RecordEvent = Callable[..., None]
+
+
 class AdminApi:
-    def __init__(self, engine: SyncEngine, token: str | None) -> None:
+    def __init__(
+        self, engine: SyncEngine, token: str | None, record_event: RecordEvent | None = None
+    ) -> None:
         self.engine = engine
         self._token = token.encode("utf-8") if token else None
+        self._record_event = record_event
+
+    def _action(self, action: str, outcome: str, **fields: Any) -> None:
+        """Record who did what through the admin API (an ADMIN_ACTION event)."""
+        if self._record_event is not None:
+            self._record_event(
+                "ADMIN_ACTION", who="admin-api", action=action, input=fields, outcome=outcome
+            )
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/admin/process-pending", self._auth(self.process_pending))
@@ -89,6 +107,7 @@ class AdminApi:
     async def process_pending(self, request: web.Request) -> web.Response:
         runs = await self.engine.process_pending()
         status = 200 if all(r.succeeded for r in runs) else 207
+        self._action("process-pending", "ok" if status == 200 else "partial")
         return web.json_response({"results": [r.result_json() for r in runs]}, status=status)
 
     async def batch_stats(self, request: web.Request) -> web.Response:
@@ -108,10 +127,12 @@ class AdminApi:
         try:
             uplink = await self.engine.resume(processor, chain)
         except KeyError:
+            self._action("sync-resume", "refused", processor=processor, chain=chain)
             return web.json_response(
                 {"error": {"code": "NOT_FOUND", "message": f"no processor {processor}"}},
                 status=404,
             )
+        self._action("sync-resume", "ok", processor=processor, chain=chain)
         return web.json_response({"processor": processor, "chain": chain, "uplink": uplink.state})
 
     async def review(self, request: web.Request) -> web.Response:
@@ -138,7 +159,9 @@ class AdminApi:
             )
         bp = self.engine.batch_processors.get(processor)
         if bp is None or not await bp.retry(chain, seq):
+            self._action("review-retry", "refused", processor=processor, chain=chain, seq=seq)
             return web.json_response(
                 {"error": {"code": "NOT_FOUND", "message": "no such item in review"}}, status=404
             )
+        self._action("review-retry", "ok", processor=processor, chain=chain, seq=seq)
         return web.json_response({"processor": processor, "chain": chain, "seq": seq})

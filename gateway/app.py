@@ -260,7 +260,9 @@ class App:
         if cfg.http.listen:
             host, port = parse_listen(cfg.http.listen)
             http_app = make_app(dispatcher, ledger, max_body_bytes=cfg.http.max_body_bytes)
-            AdminApi(self.sync, self.admin_token).add_routes(http_app)
+            AdminApi(self.sync, self.admin_token, record_event=journal.events.record).add_routes(
+                http_app
+            )
             StatusPage(
                 self.status,
                 Maintenance(

@@ -230,3 +230,31 @@ async def test_status_offline_replay_and_sync_metrics_follow_the_cloud(
         assert d.query(
             "SELECT count(*) FROM outbox WHERE processor = 'france/fiskaly' AND state = 'pending'"
         ) == [(0,)]
+
+
+async def test_admin_api_process_pending_records_admin_action_event_bad_token_nothing(
+    start_daemon: Any, make_pos_sale: Any, tmp_path: Path
+) -> None:
+    d = await start_daemon(config(tmp_path))
+    assert (await d.request(make_pos_sale("a1", 630)))["ok"]
+
+    def admin_actions() -> list[dict[str, Any]]:
+        rows = d.query("SELECT body FROM records WHERE type = 'INTENTION::EVENT' ORDER BY seq")
+        events = [json.loads(body)["payload"] for (body,) in rows]
+        return [e for e in events if e.get("event") == "ADMIN_ACTION"]
+
+    url = d.http_url + "/v1/admin/process-pending"
+    async with d.session().post(url, headers={"Authorization": "Bearer wrong"}) as resp:
+        assert resp.status == 401
+    async with d.session().post(url, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        assert resp.status == 200
+    for _ in range(100):  # events are signed by the journal's worker, shortly after
+        if admin_actions():
+            break
+        await asyncio.sleep(0.05)
+    (action,) = admin_actions()  # the refused call left nothing
+    assert (action["who"], action["action"], action["outcome"]) == (
+        "admin-api",
+        "process-pending",
+        "ok",
+    )
