@@ -11,6 +11,9 @@
   "since"}]}``, the items the batch processors set aside (needs review), never dropped.
 - ``POST /v1/admin/sync/review/retry`` ``{"processor", "chain", "seq"}``: send a reviewed
   item again (after its cause was corrected); 404 when it is not in review.
+- ``POST /v1/admin/sync/review/mark-reviewed`` ``{"processor", "chain", "seq", "note"?}``:
+  close an item in review without sending it (dealt with outside the gateway); it stays in
+  the outbox as ``reviewed`` with its error and the note; 404 when it is not in review.
 
 Every state-changing call (process-pending, resume, retry) leaves an ``ADMIN_ACTION``
 technical event (``who`` = ``admin-api``, ``action``, ``input``, ``outcome``) through the
@@ -76,6 +79,7 @@ class AdminApi:
         app.router.add_post("/v1/admin/sync/resume", self._auth(self.resume))
         app.router.add_get("/v1/admin/sync/review", self._auth(self.review))
         app.router.add_post("/v1/admin/sync/review/retry", self._auth(self.retry))
+        app.router.add_post("/v1/admin/sync/review/mark-reviewed", self._auth(self.mark_reviewed))
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -165,3 +169,37 @@ class AdminApi:
             )
         self._action("review-retry", "ok", processor=processor, chain=chain, seq=seq)
         return web.json_response({"processor": processor, "chain": chain, "seq": seq})
+
+    async def mark_reviewed(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+            processor, chain, seq = body["processor"], body["chain"], body["seq"]
+            note = body.get("note", "")
+            if (
+                not isinstance(processor, str)
+                or not isinstance(chain, str)
+                or type(seq) is not int
+                or not isinstance(note, str)
+            ):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response(
+                {
+                    "error": {
+                        "code": "VALIDATION_ERROR",
+                        "message": 'body: {"processor", "chain", "seq", "note"?}',
+                    }
+                },
+                status=400,
+            )
+        note = note[:500]
+        bp = self.engine.batch_processors.get(processor)
+        if bp is None or not await bp.mark_reviewed(chain, seq, note):
+            self._action("mark-reviewed", "refused", processor=processor, chain=chain, seq=seq)
+            return web.json_response(
+                {"error": {"code": "NOT_FOUND", "message": "no such item in review"}}, status=404
+            )
+        self._action("mark-reviewed", "ok", processor=processor, chain=chain, seq=seq, note=note)
+        return web.json_response(
+            {"processor": processor, "chain": chain, "seq": seq, "state": "reviewed"}
+        )

@@ -522,6 +522,25 @@ class BatchProcessor:
             self.wake.set()
         return bool(n)
 
+    async def mark_reviewed(self, chain: str, seq: int, note: str) -> bool:
+        """Close a needs-review item without sending it (a technician dealt with it outside
+        the gateway): state ``reviewed``, kept with its error and the note, never sent again
+        and no longer counted as needing review. False if it is not in review."""
+        pid, stamp = self.id, self._stamp()
+
+        def fn(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE outbox SET state = 'reviewed', updated_at = ?, "
+                "last_error = coalesce(last_error, '') || ' | reviewed: ' || ? "
+                "WHERE processor = ? AND chain = ? AND seq = ? AND state = 'review'",
+                (stamp, note, pid, chain, seq),
+            )
+            return cur.rowcount
+
+        n = await self._write(fn)
+        self.review_count -= n
+        return bool(n)
+
     def status(self) -> dict[str, Any]:
         return {
             "processor": self.id,

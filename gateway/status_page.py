@@ -165,6 +165,7 @@ class StatusPage:
         return {
             "process-pending": self.process_pending,
             "retry": self.retry,
+            "mark-reviewed": self.mark_reviewed,
             "test-page": self.test_page,
             "reprint": self.reprint,
             "close-day": self.close_day,
@@ -411,6 +412,23 @@ class StatusPage:
         except KeyError:
             raise ActionRefused(f"no processor {processor!r}") from None
         return f"{processor} {chain}: uplink {uplink.state}"
+
+    async def mark_reviewed(self, request: web.Request, form: dict[str, str], who: str) -> str:
+        """Close a batch item in review without sending it (dealt with outside the gateway)."""
+        if self.m.sync is None:
+            raise ActionRefused("no sync processor is configured")
+        processor, chain = form.get("processor", ""), form.get("chain", "")
+        batch = getattr(self.m.sync, "batch_processors", {}).get(processor)
+        if batch is None:
+            raise ActionRefused(f"{processor!r} has no review list")
+        try:
+            seq = int(form.get("seq", ""))
+        except ValueError:
+            raise ActionRefused("seq must be a number") from None
+        note = (form.get("note") or f"marked reviewed by {who}")[:500]
+        if not await batch.mark_reviewed(chain, seq, note):
+            raise ActionRefused(f"{processor} {chain} #{seq} is not in review")
+        return f"{processor} {chain} #{seq} marked reviewed; it will not be sent"
 
     async def test_page(self, request: web.Request, form: dict[str, str], who: str) -> str:
         if self.m.printer is None:

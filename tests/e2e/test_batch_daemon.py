@@ -4,6 +4,7 @@ the status and the admin API, and batch-stats sums both processors."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -103,3 +104,29 @@ async def test_batch_daemon_invoices_up_review_listed_stats_summed(
         assert stats["paraguay/sifen"]["batches_created"] >= 1
         assert goroute.violations == [] and sifen.violations == []
         assert goroute.duplicates == 0 and sifen.duplicates == 0
+        # a technician dealt with the refused invoice outside the gateway: mark it reviewed
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            url = d.http_url + "/v1/admin/sync/review/mark-reviewed"
+            item = {"processor": "peppol/goroute", "chain": "till-1", "seq": 3}
+            async with http.post(url, json={**item, "note": "sent by e-mail"}) as r:
+                assert r.status == 401  # no token: nothing changes
+            assert outbox(d.db_path)[("peppol/goroute", "review")] == 1
+            async with http.post(url, json={**item, "note": "sent by e-mail"}, headers=auth) as r:
+                assert r.status == 200 and (await r.json())["state"] == "reviewed"
+            async with http.post(url, json=item, headers=auth) as r:
+                assert r.status == 404  # no longer in review
+            async with http.get(d.http_url + "/v1/admin/sync/review", headers=auth) as r:
+                assert (await r.json())["review"] == []
+        o = outbox(d.db_path)
+        assert o.get(("peppol/goroute", "review"), 0) == 0
+        assert o[("peppol/goroute", "reviewed")] == 1
+        rows = {p["processor"]: p for p in (await d.status())["sync"]["processors"]}
+        assert rows["peppol/goroute"]["needs_review"] == 0
+        await wait_for(
+            lambda: any(
+                json.loads(b)["payload"].get("action") == "mark-reviewed"
+                for (b,) in d.query("SELECT body FROM records WHERE type = 'INTENTION::EVENT'")
+            ),
+            10,
+            "ADMIN_ACTION mark-reviewed recorded",
+        )
