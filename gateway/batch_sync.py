@@ -48,6 +48,7 @@ from gateway.core.errors import CloudError
 from gateway.core.record import Record, format_time
 from gateway.core.sync_policy import RunStats
 from gateway.store import Reader
+from gateway.wakeups import wait_event
 
 if TYPE_CHECKING:
     from gateway.sync import SyncEngine
@@ -223,12 +224,7 @@ class BatchProcessor:
                 timeout = min(
                     timeout, max(0.0, (self.next_wake_ms - self.engine.clock_ms()) / 1000)
                 )
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.wake.wait()
-                trigger = "signed"
-            except TimeoutError:
-                trigger = "schedule"
+            trigger = "signed" if await wait_event(self.wake, timeout) else "schedule"
             self.wake.clear()
 
     async def run_once(self, trigger: str) -> RunStats:

@@ -25,7 +25,6 @@ What this module leaves to others: validating the request (gateway.core.ops), re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,6 +57,7 @@ from gateway.core.request import request_fingerprint
 from gateway.ledger import Entry, Ledger, Signed, WriterView
 from gateway.reads import ReadPool
 from gateway.store import Reader
+from gateway.wakeups import wait_event
 
 log = logging.getLogger("gateway.closings")
 
@@ -350,8 +350,7 @@ class Scheduler:
             now = self.clock_ms()
             nxt = self.schedule.next_boundary_ms(now)
             sleep_s = MAX_SLEEP_S if nxt is None else min(MAX_SLEEP_S, (nxt - now) / 1000 + 0.05)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.05, sleep_s))
+            await wait_event(self.wake, max(0.05, sleep_s))
             self.wake.clear()
             try:
                 await self.run_due()

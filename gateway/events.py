@@ -41,6 +41,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.events import RateLimiter, event_payload
 from gateway.core.record import Record
 from gateway.ledger import Entry, Ledger, Signed
+from gateway.wakeups import wait_event
 
 log = logging.getLogger("gateway.events")
 
@@ -180,8 +181,7 @@ class EventJournal:
             nxt = self.limiter.next_due_ms()
             if nxt is not None:
                 timeout = min(timeout, max(0.0, (nxt - self.clock_ms()) / 1000))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_event(self._wake, timeout)
             self._wake.clear()
             await self._drain(flush=False)
             if self.spool_dir is not None and loop.time() >= spool_at:

@@ -65,6 +65,7 @@ from gateway.core.mqtt_topics import Topics
 from gateway.core.record import format_time
 from gateway.core.request import TILL_RE
 from gateway.dispatch import Dispatcher, error_reply
+from gateway.wakeups import wait_event
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -209,8 +210,7 @@ class MqttTransport:
             if pending:
                 log.warning("%d MQTT request(s) still running at the stop timeout", len(pending))
         self._stop_event.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._finished.wait(), _GOODBYE_TIMEOUT_S * 3)
+        await wait_event(self._finished, _GOODBYE_TIMEOUT_S * 3)
 
     async def _connection_loop(self) -> None:
         m = self.settings
@@ -242,8 +242,7 @@ class MqttTransport:
                 attempt, min_s=m.reconnect_min_s, max_s=m.reconnect_max_s, rand=self._rand()
             )
             attempt += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), delay)
+            await wait_event(self._stop_event, delay)
 
     async def _make_client(self) -> aiomqtt.Client:
         m = self.settings
@@ -523,8 +522,7 @@ class MqttTransport:
         last_key: str | None = None
         last_sent = -float("inf")
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_wake.wait(), m.status_check_s)
+            await wait_event(self._status_wake, m.status_check_s)
             self._status_wake.clear()
             client = self._client
             if client is None:

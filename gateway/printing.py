@@ -53,6 +53,7 @@ from gateway.dispatch import Dispatcher, receipt_data
 from gateway.ledger import Ledger
 from gateway.reads import ReadPool
 from gateway.store import Reader
+from gateway.wakeups import wait_event
 
 log = logging.getLogger("gateway.printing")
 
@@ -202,11 +203,7 @@ class PrintWorker:
         """Until woken or ``delay_s`` passed. (``asyncio.timeout``, not ``wait_for``: on
         Python 3.11 ``wait_for`` can swallow a cancellation that races the wake-up, and a
         worker that cannot be cancelled keeps the daemon from stopping.)"""
-        try:
-            async with asyncio.timeout(delay_s):
-                await self.wake.wait()
-        except TimeoutError:
-            pass
+        await wait_event(self.wake, delay_s)
 
     async def _drain_virtual(self) -> bool:
         assert isinstance(self.printer, VirtualPrinter)

@@ -68,6 +68,7 @@ from gateway.core.uplink import (
 from gateway.ledger import Entry, Ledger, WriterView
 from gateway.reads import ReadPool
 from gateway.store import Reader
+from gateway.wakeups import wait_event
 
 if TYPE_CHECKING:
     from gateway.batch_sync import BatchProcessor
@@ -344,13 +345,7 @@ class RealtimeProcessor:
                 log.exception("sync run of %s failed", self.id)
                 await asyncio.sleep(1.0)
             timeout = self.next_wake_s(self.engine.clock_ms())
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-                async with asyncio.timeout(timeout):
-                    await self.wake.wait()
-                trigger = "signed"
-            except TimeoutError:
-                trigger = "schedule"
+            trigger = "signed" if await wait_event(self.wake, timeout) else "schedule"
             self.wake.clear()
 
     async def run_once(self, trigger: str) -> RunStats:
