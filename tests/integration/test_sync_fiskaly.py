@@ -328,7 +328,16 @@ async def test_sync_422_rejects_record_stops_chain_alerts_and_resume_continues(
                 await intruder.close()
             p = gw.processor
             gw.processor.wake.set()
-            await wait_for(lambda: p.uplink("till-1").state == STOPPED, 20, "stopped")
+
+            async def settled() -> bool:
+                # the run stops the chain, then signs the alert at its end: wait for both
+                # (a momentary state alone raced the alert under load)
+                if p.uplink("till-1").state != STOPPED:
+                    return False
+                records = await chain_records(gw)
+                return sum(r.type == "INTENTION::EVENT" for r in records) >= 2
+
+            await wait_for(settled, 20, "stopped, rejection and alert recorded")
             state = await gw.reads.run(
                 lambda r: r.conn.execute(
                     "SELECT seq, state, last_error FROM outbox WHERE chain = 'till-1' ORDER BY seq"
