@@ -94,6 +94,8 @@ class App:
         self.started_mono = time.monotonic()
         self.started_at = format_time(time.time_ns() // 1_000_000)
         self.stop_event = asyncio.Event()
+        self._started = False
+        self._reload_pending = False
         self.ledger: Ledger | None = None
         self.reads: ReadPool | None = None
         self.pos: PosServer | None = None
@@ -148,9 +150,15 @@ class App:
         self.reads = ReadPool(cfg.db_path)
         try:
             async with asyncio.TaskGroup() as tg:
-                await self._start(tg)
+                # Handlers first: a signal that arrives while listeners start must not take
+                # the default action (SIGHUP would kill the daemon); a reload asked for
+                # before the daemon is up is done once it is.
                 self._install_signals()
+                await self._start(tg)
+                self._started = True
                 self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+                if self._reload_pending:
+                    self._reload()
                 log.info(
                     "ready: key %s, %d chain(s), socket %s, http %s",
                     signer.key_id,
@@ -413,6 +421,10 @@ class App:
                 )
 
     def _reload(self) -> None:
+        if not self._started:
+            self._reload_pending = True
+            return
+        self._reload_pending = False
         log.info("SIGHUP: reloading")
         # systemd shows the unit "reloading" until the next READY=1 (sd_notify(3)).
         self.notifier.notify(
