@@ -100,9 +100,11 @@ class EscposPrinter:
         self._abort.clear()
 
     def abort(self) -> None:
-        """From any thread: make a status or confirmation wait in progress give up soon (the
-        owner is shutting down); the next call after :meth:`disconnect` works again."""
+        """From any thread: make a status or confirmation wait, or a write, in progress give
+        up soon (the owner is shutting down); the next call after :meth:`disconnect` works
+        again."""
         self._abort.set()
+        self.transport.cancel()
 
     # ------------------------------------------------------------------ operations
 

@@ -2,7 +2,10 @@
 
 Every call blocks the calling thread — :class:`drivers.printers.device.EscposPrinter` runs
 them in its own thread, never on the event loop — and every read and write is bounded by a
-timeout, so a printer that stops answering costs a timeout, never a hang. Failures map to
+timeout, so a printer that stops answering costs a timeout, never a hang; and
+:meth:`Transport.cancel`, from any other thread, makes a read or write in progress give up at
+once (the daemon is stopping: it must not wait out a 10 s write timeout behind a stalled
+line). Failures map to
 the gateway's exception tree at this edge (most specific first):
 :class:`~gateway.core.errors.DeviceTimeout` when the peer makes no progress in time,
 :class:`~gateway.core.errors.DeviceUnavailable` when it cannot be opened or went away.
@@ -23,6 +26,7 @@ import os
 import select
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +40,8 @@ FLOW_CONTROLS = ("none", "rtscts", "xonxoff")
 BAUD_RATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400)
 
 _READ_CHUNK = 4096
+#: Longest single wait inside a write that cannot be interrupted otherwise (file transport).
+_CANCEL_SLICE_S = 0.25
 
 
 class Transport(Protocol):
@@ -57,7 +63,15 @@ class Transport(Protocol):
     def read(self, timeout_s: float) -> bytes:
         """Whatever arrives first (at least one byte), or ``b""`` after ``timeout_s``."""
 
+    def cancel(self) -> None:
+        """From any thread: the read or write in progress (and any until the next ``open``)
+        fails with DeviceUnavailable instead of running to its timeout."""
+
     def close(self) -> None: ...
+
+
+def _cancelled(name: str) -> DeviceUnavailable:
+    return DeviceUnavailable(f"{name}: cancelled (shutting down)")
 
 
 class SerialTransport:
@@ -79,6 +93,9 @@ class SerialTransport:
         self.parity = parity
         self.flow_control = flow_control
         self._ser: serial.Serial | None = None
+        self._cancel = threading.Event()
+        #: held by close() and cancel(): pyserial's cancel_* write to pipes that close() closes
+        self._lock = threading.Lock()
 
     @property
     def can_read(self) -> bool:
@@ -87,6 +104,7 @@ class SerialTransport:
     def open(self) -> None:
         if self._ser is not None:
             return
+        self._cancel.clear()
         ser = serial.Serial()
         ser.port = self.path
         ser.baudrate = self.baud
@@ -117,10 +135,15 @@ class SerialTransport:
         deadline = time.monotonic() + timeout_s
         ser.write_timeout = timeout_s
         try:
-            ser.write(data)
+            written = ser.write(data)
+            # pyserial returns early, with what it wrote, when cancel_write() interrupts it
+            if self._cancel.is_set() or (written is not None and written < len(data)):
+                raise _cancelled(self.path)
             # Wait (bounded) until the kernel has sent it: tcdrain() could block forever
             # while flow control holds the line.
             while ser.out_waiting:
+                if self._cancel.is_set():
+                    raise _cancelled(self.path)
                 if time.monotonic() >= deadline:
                     raise DeviceTimeout(
                         f"{self.path}: {ser.out_waiting} bytes still queued after "
@@ -137,6 +160,8 @@ class SerialTransport:
         try:
             ser.timeout = timeout_s
             first: bytes = ser.read(1)
+            if self._cancel.is_set():
+                raise _cancelled(self.path)
             if not first:
                 return b""
             ser.timeout = 0
@@ -145,13 +170,25 @@ class SerialTransport:
         except (serial.SerialException, OSError) as exc:
             raise DeviceUnavailable(f"{self.path}: read failed: {exc}") from exc
 
+    def cancel(self) -> None:
+        self._cancel.set()
+        with self._lock:
+            ser = self._ser
+            if ser is not None:
+                try:
+                    ser.cancel_write()
+                    ser.cancel_read()
+                except (serial.SerialException, OSError):
+                    pass
+
     def close(self) -> None:
-        ser, self._ser = self._ser, None
-        if ser is not None:
-            try:
-                ser.close()
-            except (serial.SerialException, OSError):
-                pass
+        with self._lock:
+            ser, self._ser = self._ser, None
+            if ser is not None:
+                try:
+                    ser.close()
+                except (serial.SerialException, OSError):
+                    pass
 
 
 def parse_socket_url(url: str) -> tuple[str, int]:
@@ -170,6 +207,8 @@ class SocketTransport:
         self.name = url
         self.connect_timeout_s = connect_timeout_s
         self._sock: socket.socket | None = None
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
 
     @property
     def can_read(self) -> bool:
@@ -178,6 +217,7 @@ class SocketTransport:
     def open(self) -> None:
         if self._sock is not None:
             return
+        self._cancel.clear()
         try:
             self._sock = socket.create_connection(
                 (self.host, self.port), timeout=self.connect_timeout_s
@@ -190,6 +230,8 @@ class SocketTransport:
     def _conn(self) -> socket.socket:
         if self._sock is None:
             raise DeviceUnavailable(f"{self.name} is not connected")
+        if self._cancel.is_set():
+            raise _cancelled(self.name)
         return self._sock
 
     def write(self, data: bytes, timeout_s: float) -> None:
@@ -200,6 +242,8 @@ class SocketTransport:
         except TimeoutError as exc:
             raise DeviceTimeout(f"{self.name}: write timed out after {timeout_s:g} s") from exc
         except OSError as exc:
+            if self._cancel.is_set():
+                raise _cancelled(self.name) from exc
             raise DeviceUnavailable(f"{self.name}: write failed: {exc}") from exc
 
     def read(self, timeout_s: float) -> bytes:
@@ -212,13 +256,25 @@ class SocketTransport:
         except OSError as exc:
             raise DeviceUnavailable(f"{self.name}: read failed: {exc}") from exc
         if not data:
+            if self._cancel.is_set():
+                raise _cancelled(self.name)
             raise DeviceUnavailable(f"{self.name}: the printer closed the connection")
         return data
 
+    def cancel(self) -> None:
+        self._cancel.set()
+        with self._lock:
+            if self._sock is not None:
+                try:  # wakes a sendall()/recv() blocked in the IO thread
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
     def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+        with self._lock:
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                sock.close()
 
 
 class FileTransport:
@@ -229,6 +285,7 @@ class FileTransport:
         self.name = f"file:{path}"
         self._fd: int | None = None
         self._readable = False
+        self._cancel = threading.Event()
 
     @property
     def can_read(self) -> bool:
@@ -237,6 +294,7 @@ class FileTransport:
     def open(self) -> None:
         if self._fd is not None:
             return
+        self._cancel.clear()
         p = Path(self.path)
         try:
             if p.exists() and stat.S_ISCHR(p.stat().st_mode):
@@ -264,12 +322,14 @@ class FileTransport:
         view = memoryview(data)
         try:
             while view:
+                if self._cancel.is_set():
+                    raise _cancelled(self.path)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DeviceTimeout(
                         f"{self.path}: {len(view)} bytes not accepted after {timeout_s:g} s"
                     )
-                _, writable, _ = select.select([], [fd], [], left)
+                _, writable, _ = select.select([], [fd], [], min(left, _CANCEL_SLICE_S))
                 if not writable:
                     continue
                 try:
@@ -292,6 +352,9 @@ class FileTransport:
             return b""
         except OSError as exc:
             raise DeviceUnavailable(f"{self.path}: read failed: {exc}") from exc
+
+    def cancel(self) -> None:
+        self._cancel.set()
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
