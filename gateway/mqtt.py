@@ -9,8 +9,9 @@ with ``{"online": false}``); ``.../events`` carries alerts (:mod:`gateway.core.a
 
 Exactly once (DESIGN.md §3.3). The gateway keeps a persistent session (fixed client id,
 ``clean_start``/``clean_session`` false, v5 session expiry) and acknowledges a request to the
-broker (PUBACK) only after the dispatcher has committed it *and* its reply was accepted by the
-broker. aiomqtt 2.5 has no public switch for that (aiomqtt issue #345, draft PR #346), so this
+broker (PUBACK) only after the dispatcher has committed it, right behind its reply on the same
+connection (the broker reads a connection's packets in order: :meth:`MqttTransport._publish_reply`).
+aiomqtt 2.5 has no public switch for manual acks (aiomqtt issue #345, draft PR #346), so this
 module turns on paho-mqtt 2's ``manual_ack`` on the client aiomqtt wraps. A crash, a lost
 connection or a stop at any point before the PUBACK makes the broker deliver the request again;
 the ledger's ``(till, id)`` table then returns the stored record (``"replayed": true``) instead
@@ -27,13 +28,17 @@ Connection. :meth:`MqttTransport.run` is the reconnect loop (``while True: async
 with capped, jittered backoff (:func:`gateway.core.backoff.backoff_s`). It never raises except
 ``CancelledError``: a broker that is down, refuses us or drops us is logged and retried, and
 signing over the POS socket does not notice. This module does not sign, validate requests, or
-authenticate tills: the dispatcher does the first two, the broker (TLS, passwords, ACL) the last.
+authenticate tills: the dispatcher does the first two, the broker (TLS, passwords, the acl_file
+rendered from ``[mqtt.acl]``) the last; the gateway refuses tills ``[mqtt.acl]`` gives to no
+account (:mod:`gateway.core.mqtt_acl`). Per-message costs of paho-mqtt are cut in
+:mod:`gateway.mqtt_io` (socket reads and writes) and :mod:`gateway.paho_tables` (v5 properties).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -45,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTTMessage, mqtt_ms_queued
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -61,15 +67,21 @@ from gateway.core.errors import (
     UnknownTill,
 )
 from gateway.core.framing import decode_request
+from gateway.core.mqtt_acl import TillAcl
 from gateway.core.mqtt_topics import Topics
 from gateway.core.record import format_time
 from gateway.core.request import TILL_RE
 from gateway.dispatch import Dispatcher, error_reply
+from gateway.mqtt_io import install as install_loop_io
+from gateway.paho_tables import share_tables
 from gateway.wakeups import wait_event
 
 log = logging.getLogger("gateway.mqtt")
 
 StatusFn = Callable[[], Awaitable[dict[str, Any]]]
+#: A request as read: paho's message (handed over by :meth:`MqttTransport._on_message`) or,
+#: for anything that reached aiomqtt's own queue, aiomqtt's.
+Request = MQTTMessage | aiomqtt.Message
 
 #: The retained status after a clean stop, and the Last Will the broker publishes for us.
 OFFLINE = b'{"online":false}'
@@ -78,6 +90,10 @@ OFFLINE = b'{"online":false}'
 _VOLATILE = ("time", "gateway", "writer", "pos", "jobs", "mqtt")
 #: How long a clean stop waits to get the offline status and the DISCONNECT out.
 _GOODBYE_TIMEOUT_S = 2.0
+#: A ``till_refused`` event is raised at most once per till in this many seconds, and at most
+#: this many wait to be published (a till id per request topic is the caller's to choose).
+_REFUSED_EVENT_INTERVAL_S = 60.0
+_MAX_PENDING_EVENTS = 100
 
 
 def _encode(value: dict[str, Any]) -> bytes:
@@ -87,6 +103,46 @@ def _encode(value: dict[str, Any]) -> bytes:
 def _properties(packet_type: int) -> Properties:
     """MQTT v5 properties for one packet type (paho's constructor is untyped)."""
     return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+#: v5 property identifiers (MQTT 5.0 §2.2.2.2) of what a reply carries.
+_CONTENT_TYPE, _CORRELATION_DATA = 0x03, 0x09
+_JSON_CONTENT_TYPE = b"application/json"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, b = n >> 7, n & 0x7F
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+class _ReplyProperties(Properties):
+    """The v5 PUBLISH properties of a reply, packed once: content type and correlation data.
+
+    paho's generic :class:`Properties` builds its name tables for every instance and packs by
+    walking all of them (about 30 µs per reply); paho only calls ``pack()`` on the properties
+    of a message it sends, so this subclass keeps the packed bytes and nothing else."""
+
+    packed: bytes
+    correlation: bytes | None
+
+    def __init__(self, correlation: bytes | None) -> None:  # no tables: see the docstring
+        body = bytes([_CONTENT_TYPE]) + len(_JSON_CONTENT_TYPE).to_bytes(2, "big")
+        body += _JSON_CONTENT_TYPE
+        if correlation is not None:
+            body += bytes([_CORRELATION_DATA]) + len(correlation).to_bytes(2, "big") + correlation
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "packed", _varint(len(body)) + body)
+        object.__setattr__(self, "correlation", correlation)
+
+    def pack(self) -> bytes:
+        return self.packed
+
+    def __str__(self) -> str:  # paho's debug log prints the properties of what it sends
+        return f"[ContentType : application/json, CorrelationData : {self.correlation!r}]"
 
 
 def _significant(status: dict[str, Any]) -> str:
@@ -134,9 +190,14 @@ class MqttTransport:
         resolve_path: Callable[[str], Path],
         rand: Callable[[], float] = random.random,
     ) -> None:
+        if not share_tables():
+            log.info("paho-mqtt is not a verified version: MQTT v5 properties cost more CPU")
         self.settings = settings
         self.dispatcher = dispatcher
         self.topics = Topics(settings.prefix, gateway_id)
+        self.acl = TillAcl(settings.acl)
+        self._refused_at: dict[str, float] = {}  # till → when its last till_refused was raised
+        self._events: list[dict[str, Any]] = []  # events waiting for the status loop
         self.client_id = settings.client_id or f"fiscal-gateway-{gateway_id}"
         self._status = status
         self._resolve_path = resolve_path
@@ -156,6 +217,7 @@ class MqttTransport:
         self.last_message_at: str | None = None
         self.replied = 0
         self.busy = 0
+        self.refused_acl = 0
         self.last_error: str | None = None
 
     @property
@@ -176,6 +238,9 @@ class MqttTransport:
             "last_message_at": self.last_message_at,
             "replied": self.replied,
             "busy": self.busy,
+            "acl": {"tills": len(self.acl.tills), "refused": self.refused_acl}
+            if self.acl.configured
+            else None,
             "inflight": len(self._tasks),
             "last_error": self.last_error,
         }
@@ -253,6 +318,8 @@ class MqttTransport:
             properties = _properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = m.session_expiry_s
             properties.ReceiveMaximum = m.receive_maximum
+        # One request, one small packet each way: Nagle + delayed ACK would add ~40 ms.
+        socket_options = () if m.socket else ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
         client = aiomqtt.Client(
             str(self._resolve_path(m.socket)) if m.socket else m.host,
             m.port,
@@ -270,13 +337,18 @@ class MqttTransport:
             timeout=m.connect_timeout_s,
             keepalive=m.keepalive_s,
             max_inflight_messages=m.receive_maximum,
-            # One request, one small packet each way: Nagle + delayed ACK would add ~40 ms.
-            socket_options=() if m.socket else ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            socket_options=socket_options,
             logger=logging.getLogger("gateway.mqtt.client"),
         )
         # Before connecting: requests queued in the session arrive right after CONNACK and
         # must not be auto-acknowledged. aiomqtt 2.5 does not expose this (issue #345).
         client._client.manual_ack_set(True)
+        # Requests go from paho's callback straight to admission. aiomqtt's queue would add,
+        # per message, a wrapper with topic validation, a queue hop and a task + asyncio.wait
+        # in its iterator (about a tenth of the gateway's CPU per request); _read still waits
+        # on that iterator, which is how a lost connection is noticed.
+        client._client.on_message = functools.partial(self._on_message, client)
+        install_loop_io(client, asyncio.get_running_loop(), socket_options)
         return client
 
     def _load_secrets(self) -> tuple[str | None, ssl.SSLContext | None]:
@@ -341,13 +413,24 @@ class MqttTransport:
 
     # ------------------------------------------------------------------ requests
 
+    def _on_message(
+        self, client: aiomqtt.Client, _mqttc: Any, _userdata: Any, message: Any
+    ) -> None:
+        """paho's on_message, on the event loop (aiomqtt's read callback runs paho's reads)."""
+        if self._stopping:
+            return  # unacknowledged: delivered again after the restart
+        try:
+            self._accept(client, message)
+        except Exception:  # not acknowledged: the broker delivers it again on reconnect
+            log.exception("MQTT request could not be admitted")
+
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             if self._stopping:
                 continue  # unacknowledged: delivered again after the restart
             self._accept(client, message)
 
-    def _accept(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    def _accept(self, client: aiomqtt.Client, message: Request) -> None:
         """Admit one request (never blocks: a slow till must not hold up the others)."""
         assert self._tg is not None
         self.received += 1
@@ -380,7 +463,7 @@ class MqttTransport:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(
-        self, client: aiomqtt.Client, message: aiomqtt.Message, till: str, state: _Till
+        self, client: aiomqtt.Client, message: Request, till: str, state: _Till
     ) -> None:
         try:
             topic, properties, route_error = self._route(message, till)
@@ -396,14 +479,14 @@ class MqttTransport:
                 del self._tills[till]
 
     async def _refuse(
-        self, client: aiomqtt.Client, message: aiomqtt.Message, till: str, exc: GatewayError
+        self, client: aiomqtt.Client, message: Request, till: str, exc: GatewayError
     ) -> None:
         topic, properties, _ = self._route(message, till)
         await self._reply(
             client, message, topic, properties, error_reply(self._peek_id(message), exc)
         )
 
-    def _peek_id(self, message: aiomqtt.Message) -> str | None:
+    def _peek_id(self, message: Request) -> str | None:
         """The request id of a request that is refused before it is dispatched, if readable."""
         try:
             return _request_id(self._decode(message))
@@ -411,18 +494,15 @@ class MqttTransport:
             return None
 
     def _route(
-        self, message: aiomqtt.Message, till: str
+        self, message: Request, till: str
     ) -> tuple[str, Properties | None, GatewayError | None]:
         """Where the reply goes: (topic, v5 properties, error if the request's route is bad)."""
         default = self.topics.reply(till)
         if self.settings.protocol != "5":
             return default, None, None
-        properties = _properties(PacketTypes.PUBLISH)
-        properties.ContentType = "application/json"
-        request_props = message.properties
+        request_props = getattr(message, "properties", None)
         correlation = getattr(request_props, "CorrelationData", None)
-        if correlation is not None:
-            properties.CorrelationData = correlation
+        properties = _ReplyProperties(None if correlation is None else bytes(correlation))
         response_topic = getattr(request_props, "ResponseTopic", None)
         if response_topic is None:
             return default, properties, None
@@ -437,7 +517,7 @@ class MqttTransport:
             )
         return response_topic, properties, None
 
-    def _decode(self, message: aiomqtt.Message) -> dict[str, Any]:
+    def _decode(self, message: Request) -> dict[str, Any]:
         payload = message.payload
         if isinstance(payload, str):
             data = payload.encode("utf-8")
@@ -453,7 +533,7 @@ class MqttTransport:
             )
         return decode_request(data)
 
-    async def _answer(self, message: aiomqtt.Message, till: str) -> dict[str, Any]:
+    async def _answer(self, message: Request, till: str) -> dict[str, Any]:
         rid = None
         try:
             request = self._decode(message)
@@ -468,6 +548,11 @@ class MqttTransport:
         """The topic's till is the till: the broker's ACL on topics is an ACL on tills."""
         if not TILL_RE.match(till):
             raise UnknownTill(f"topic till {till[:64]!r} is not a valid till id")
+        if not self.acl.allows(till):
+            self._till_refused(till)
+            raise UnknownTill(
+                f"till {till!r} is not in mqtt.acl: no broker account may send requests for it"
+            )
         allowed = self.dispatcher.allowed_tills
         if allowed and till not in allowed:
             raise UnknownTill(f"till {till!r} is not configured on this gateway")
@@ -477,22 +562,40 @@ class MqttTransport:
                 f"request till {str(body_till)[:64]!r} does not match the topic's till {till!r}"
             )
 
+    def _till_refused(self, till: str) -> None:
+        """Count a request refused by the ACL; raise ``till_refused`` on the events topic
+        (once per till per minute: a broker that lets such requests through is misconfigured,
+        or an account is used for tills it was not given)."""
+        self.refused_acl += 1
+        now = time.monotonic()
+        if now - self._refused_at.get(till, -float("inf")) < _REFUSED_EVENT_INTERVAL_S:
+            return
+        if len(self._refused_at) >= 1000:
+            self._refused_at.clear()
+        self._refused_at[till] = now
+        if len(self._events) < _MAX_PENDING_EVENTS:
+            self._events.append(
+                {
+                    "alert": "till_refused",
+                    "severity": "warning",
+                    "message": f"request for till {till!r} refused: not in mqtt.acl "
+                    "(check the broker's acl_file: fiscal-gateway mqtt-acl)",
+                    "till": till,
+                }
+            )
+            self._status_wake.set()
+        log.warning("MQTT request for till %r refused: not in mqtt.acl", till)
+
     async def _reply(
         self,
         client: aiomqtt.Client,
-        message: aiomqtt.Message,
+        message: Request,
         topic: str,
         properties: Properties | None,
         reply: dict[str, Any],
     ) -> None:
         try:
-            await client.publish(
-                topic,
-                _encode(reply),
-                qos=1,
-                properties=properties,
-                timeout=self.settings.publish_timeout_s,
-            )
+            await self._publish_reply(client, topic, _encode(reply), properties)
         except aiomqtt.MqttError as exc:
             # Not acknowledged: the broker delivers the request again on the next connection
             # and the ledger answers it from the stored record.
@@ -505,8 +608,36 @@ class MqttTransport:
         self.replied += 1
         self._ack(client, message)
 
+    async def _publish_reply(
+        self, client: aiomqtt.Client, topic: str, payload: bytes, properties: Properties | None
+    ) -> None:
+        """Hand the reply (QoS 1) to the connection; return once the request may be acked.
+
+        The request's PUBACK may follow the reply at once, without waiting for the broker's
+        PUBACK of the reply: both go out on the one TCP connection in this order, and the
+        broker handles a connection's packets in order, so it has taken the reply before it
+        sees the acknowledgement — and if the connection breaks first, neither counts and the
+        request is delivered again. Waiting would cost a broker round trip per request.
+        Only a reply that paho holds back (its own in-flight window is full) would leave
+        after the acknowledgement, so then this waits for the broker's PUBACK of the reply.
+        """
+        mqttc = client._client
+        info = mqttc.publish(topic, payload, qos=1, properties=properties)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish the reply")
+        held = mqttc._out_messages.get(info.mid)
+        if held is None or held.state != mqtt_ms_queued:
+            return
+        confirmation = asyncio.Event()
+        client._pending_publishes[info.mid] = confirmation  # set by aiomqtt's on_publish
+        try:
+            if not await wait_event(confirmation, self.settings.publish_timeout_s):
+                raise aiomqtt.MqttError("the broker did not acknowledge the reply in time")
+        finally:
+            client._pending_publishes.pop(info.mid, None)
+
     @staticmethod
-    def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    def _ack(client: aiomqtt.Client, message: Request) -> None:
         # PUBACK on the connection the request came in on; after a reconnect that client is
         # closed and this is a no-op (the broker redelivers). QoS 0 requests have no ack.
         if message.qos > 0:
@@ -561,6 +692,16 @@ class MqttTransport:
                     )
                     log.warning("alert %s: %s", alert["alert"], alert["message"])
                 announced = status
+                while self._events:  # raised by request handling (till_refused)
+                    event = {
+                        **self._events[0],
+                        "gateway": self.topics.gateway,
+                        "time": format_time(now_ms),
+                    }
+                    await client.publish(
+                        self.topics.events, _encode(event), qos=1, timeout=m.publish_timeout_s
+                    )
+                    self._events.pop(0)  # only once the broker has it
             except aiomqtt.MqttError as exc:
                 log.info("MQTT status not published: %s", exc)
                 self._status_fresh = True

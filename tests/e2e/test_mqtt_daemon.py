@@ -9,8 +9,10 @@ the restart, and a broker that is down changes nothing for the POS socket.
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +23,6 @@ pytestmark = pytest.mark.timeout(180)
 
 STATUS = "fiscal/gw-1/status"
 EVENTS = "fiscal/gw-1/events"
-
-
-@pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    await b.start()
-    try:
-        yield b
-    finally:
-        await b.kill()
 
 
 def online(pred: Callable[[dict[str, Any]], bool] = lambda s: True) -> Any:
@@ -48,18 +40,22 @@ async def test_mqtt_daemon_status_retained_last_will_and_alerts_seen_by_subscrib
     first = await subscribe_once(broker.port, STATUS, predicate=online())
     assert first["gateway"]["id"] == "gw-1" and first["signing"]["ok"] is True
     assert first["chains"] == [] and first["printer"]["kind"] == "virtual"
-    assert {"outbox", "offline"} <= first.keys()
+    assert {"outbox", "offline", "review", "disk"} <= first.keys()
+    # not the status page's lists: each would scan the records table every status_check_s
+    assert not {"recent_records", "events"} & first.keys()
+    s1 = d.held_events() + 1  # the chain opens with the held START, KEY_GENERATED
 
     async with Till(broker.port) as till:
         signed = await till.request(sale("s1"))
         assert signed["ok"], signed
         # the retained status follows the chain head (on change, not only periodically)
-        after = await subscribe_once(broker.port, STATUS, predicate=online(lambda s: head(s) == 1))
+        after = await subscribe_once(broker.port, STATUS, predicate=online(lambda s: head(s) == s1))
         assert after["chains"][0]["hash"] == signed["record"]["hash"]
         # the status op over MQTT is the app's status too
         status = await till.request({"id": "q1", "op": "status", "till": "till-1"})
         assert status["status"]["mqtt"]["connected"] is True
-        assert status["status"]["chains"][0]["seq"] == 1
+        assert status["status"]["chains"][0]["seq"] == s1
+        assert {"recent_records", "events"} <= status["status"].keys()  # the full status
         # an async batch and its job, over MQTT
         job = await till.request(
             {
@@ -174,6 +170,7 @@ async def test_mqtt_daemon_broker_down_socket_signing_unaffected(
 ) -> None:
     d = await start_daemon(broker.gateway_config())
     await subscribe_once(broker.port, STATUS, predicate=online())
+    held = d.held_events()
     await broker.kill()
     for i in range(5):
         reply = await asyncio.wait_for(d.request(sale(f"pos-{i}")), 5.0)
@@ -181,8 +178,92 @@ async def test_mqtt_daemon_broker_down_socket_signing_unaffected(
     status = await d.status()
     assert status["mqtt"]["connected"] is False and status["mqtt"]["last_error"]
     await broker.start()
-    back = await subscribe_once(broker.port, STATUS, predicate=online(lambda s: head(s) == 5))
+    back = await subscribe_once(
+        broker.port, STATUS, predicate=online(lambda s: head(s) == held + 5)
+    )
     assert back["mqtt"]["connects"] >= 2
     async with Till(broker.port) as till:
         reply = await till.request(sale("mqtt-1"))
-    assert reply["ok"] and reply["record"]["seq"] == 6
+    assert reply["ok"] and reply["record"]["seq"] == held + 6
+
+
+# ---------------------------------------------------------------------- docs/mqtt.md, "Try it"
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "mqtt.md"
+
+
+def try_it_commands() -> list[str]:
+    """The shell commands of docs/mqtt.md's "Try it" block, continuation lines joined."""
+    text = DOCS.read_text("utf-8")
+    block = text.split("## Try it", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        if not current and (not line.strip() or line.startswith("#")):
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return commands
+
+
+async def test_mqtt_docs_try_it_commands_work_as_written(broker: Broker, start_daemon: Any) -> None:
+    # Every command of the "Try it" block, as written but for the broker's port, against the
+    # daemon: background ones (`&`, subscribers without -C) keep running until checked. The
+    # words are split as the shell splits them (shlex), and run without a shell.
+    await start_daemon(broker.gateway_config())
+    await subscribe_once(broker.port, STATUS, predicate=online())
+    commands = try_it_commands()
+    assert [c.split()[0] for c in commands] == [
+        "mosquitto_rr", "mosquitto_sub", "mosquitto_pub", "mosquitto_pub",
+        "mosquitto_sub", "mosquitto_sub", "mosquitto_rr",
+    ]  # fmt: skip
+    outputs: list[str] = []
+    background: list[asyncio.subprocess.Process] = []
+    try:
+        for command in commands:
+            shell = command.replace("-h localhost", f"-h 127.0.0.1 -p {broker.port}")
+            assert shell != command, command
+            argv = shlex.split(shell.rstrip("& "))
+            if shell.endswith("&") or (shell.startswith("mosquitto_sub") and " -C " not in shell):
+                proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+                background.append(proc)
+                await asyncio.sleep(0.3)  # let the subscription reach the broker
+                outputs.append("")
+                continue
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 20)
+            assert proc.returncode == 0, (command, err)
+            outputs.append(out.decode())
+        signed = json.loads(outputs[0])
+        assert signed["ok"] and signed["record"]["request_id"] == "t-000123", signed
+        assert json.loads(outputs[4])["online"] is True  # the retained status
+        bad = json.loads(outputs[6])
+        assert (bad["id"], bad["ok"], bad["error"]["code"]) == (None, False, "PROTOCOL_ERROR")
+        # the 3.1.1 listener got the cancel's and the status op's replies
+        replies_of = background[0].stdout
+        assert replies_of is not None
+        got = {}
+        while len(got) < 2:
+            line = await asyncio.wait_for(replies_of.readline(), 20)
+            reply = json.loads(line)
+            got[reply["id"]] = reply
+        assert got["t-000124"]["ok"], got["t-000124"]
+        assert got["t-000124"]["record"]["payload"]["ref"]["hash"] == signed["record"]["hash"]
+        assert got["q-1"]["ok"] and got["q-1"]["status"]["signing"]["ok"]
+        # "Sending the first command again answers the same record with replayed: true"
+        shell = commands[0].replace("-h localhost", f"-h 127.0.0.1 -p {broker.port}")
+        proc = await asyncio.create_subprocess_exec(
+            *shlex.split(shell), stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+        again = json.loads(out)
+        assert again["replayed"] is True and again["record"] == signed["record"]
+        assert all(p.returncode is None for p in background), "a listener exited early"
+    finally:
+        for p in background:
+            if p.returncode is None:
+                p.terminate()
+                await asyncio.wait_for(p.wait(), 10)

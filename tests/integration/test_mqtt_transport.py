@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sqlite3
+import sys
 import threading
 import tomllib
 from collections.abc import AsyncIterator
@@ -34,16 +36,6 @@ from gateway.mqtt import MqttTransport
 pytestmark = pytest.mark.timeout(120)
 
 BASE = "fiscal/gw-1/tills"
-
-
-@pytest.fixture
-async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    await b.start()
-    try:
-        yield b
-    finally:
-        await b.kill()
 
 
 def gateway_cfg(broker: Broker, extra: str = "", **mqtt: Any) -> Config:
@@ -163,6 +155,29 @@ async def test_mqtt_v311_till_gets_replies_on_res_topic_matched_by_id(
     assert {t for t, _, _ in till.replies} == {f"{BASE}/till-1/res"}
     assert [c for _, _, c in till.replies] == [None] * 5
     assert records(db_path) == [(1, "s0"), (2, "s1"), (3, "s2"), (4, "c1")]
+
+
+async def test_mqtt_v311_correction_reprint_and_closing_like_the_socket(
+    broker: Broker, ledger: Ledger, db_path: Path
+) -> None:
+    # The operations the socket has beyond sign/cancel/batch/status, from a 3.1.1 till.
+    async with serving(ledger, gateway_cfg(broker)), Till(broker.port, protocol="3.1.1") as till:
+        assert (await till.request(sale("s1", amount=900)))["ok"]
+        ref = {"chain": "till-1", "seq": 1}
+        fields = {k: v for k, v in sale("k", amount=700).items() if k not in ("id", "op", "type")}
+        corrected = await till.request({**fields, "id": "k1", "op": "correction", "ref": ref})
+        assert corrected["ok"], corrected
+        assert corrected["record"]["type"] == "TRANSACTION::CORRECTION"
+        copy = await till.request({"id": "p1", "op": "reprint", "till": "till-1", "ref": ref})
+        assert copy["ok"] and copy["record"]["type"] == "INTENTION::DUPLICATE", copy
+        closing = {"id": "z1", "op": "close", "till": "till-1", "period": "MONTHLY"}
+        closed = await till.request(closing)
+        assert closed["ok"], closed
+        assert [c["type"] for c in closed["closings"]] == ["CLOSING::DAILY", "CLOSING::MONTHLY"]
+        again = await till.request(closing)
+        assert again["replayed"] is True and again["record"] == closed["record"]
+    assert records(db_path) == [(1, "s1"), (2, "k1"), (3, "p1"), (4, "z1#daily"), (5, "z1")]
+    assert verify_db(db_path).ok
 
 
 async def _run(*argv: str, timeout_s: float = 20.0) -> str:
@@ -397,6 +412,58 @@ async def test_mqtt_requests_read_but_unanswered_at_stop_are_redelivered_and_sig
     assert [s for s, _ in records(db_path)] == list(range(1, len(ids) + 1))
 
 
+async def test_mqtt_reply_held_by_a_full_window_is_acked_only_after_the_broker_took_it(
+    broker: Broker, ledger: Ledger, db_path: Path
+) -> None:
+    # The request's PUBACK normally follows its reply at once (docs/mqtt.md "Exactly once").
+    # When paho holds the reply back (its in-flight window, receive_maximum, is full), the
+    # acknowledgement must wait for the broker's PUBACK of the reply; else it would overtake
+    # the reply. Made certain: window 1, filled by a publish the stopped broker cannot answer.
+    cfg = gateway_cfg(broker, receive_maximum=1)
+    entered, release = threading.Event(), threading.Event()
+
+    def park(conn: object) -> None:
+        entered.set()
+        release.wait(30)
+
+    assert broker.proc is not None
+    async with Till(broker.port) as till:
+        async with serving(ledger, cfg) as first:
+            parked = asyncio.create_task(ledger.control(park))
+            try:
+                assert await asyncio.to_thread(entered.wait, 30), "writer did not park"
+                reply = till.expect("h1")
+                await till.send(sale("h1"))
+                await wait_until(lambda: first.received == 1, what="the request read")
+                client = first._client
+                assert client is not None
+                broker.proc.send_signal(signal.SIGSTOP)
+                try:
+                    filler = asyncio.create_task(
+                        client.publish("fiscal/gw-1/filler", b"x", qos=1, timeout=30)
+                    )
+                    await asyncio.sleep(0.1)
+                    assert client._client._inflight_messages == 1  # the window is full
+                    release.set()
+                    await parked
+                    await asyncio.sleep(0.3)  # committed; the reply waits in paho's queue
+                    assert first.replied == 0 and not till.by_id
+                finally:
+                    broker.proc.send_signal(signal.SIGCONT)
+                await filler
+                answered = await asyncio.wait_for(reply, 15)
+                await wait_until(lambda: first.replied == 1, what="the request acknowledged")
+            finally:
+                release.set()
+                await parked
+        assert answered["ok"] and answered["record"]["request_id"] == "h1", answered
+        # acknowledged: a new session of the gateway is not handed the request again
+        async with serving(ledger, cfg) as second:
+            await asyncio.sleep(0.5)
+            assert second.received == 0
+    assert records(db_path) == [(1, "h1")]
+
+
 async def test_mqtt_gateway_started_before_broker_connects_when_it_comes_up(
     tmp_path: Path, ledger: Ledger
 ) -> None:
@@ -468,52 +535,132 @@ async def test_mqtt_tls_with_test_ca_and_client_certificate_signs(
     assert records(db_path) == [(1, "tls-1")]
 
 
-ACL = """\
-user gateway
-topic readwrite fiscal/gw-1/#
+async def _cli(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
-pattern write fiscal/gw-1/tills/%u/req
-pattern read fiscal/gw-1/tills/%u/res/#
-pattern read fiscal/gw-1/status
-pattern read fiscal/gw-1/events
-"""
 
-
-async def test_mqtt_broker_acl_keeps_each_till_to_its_own_topics(
+async def test_mqtt_acl_rendered_from_config_enforced_by_broker_and_gateway(
     tmp_path: Path, ledger: Ledger, db_path: Path
 ) -> None:
-    users = {"gateway": "gw-secret", "till-1": "t1-secret", "till-2": "t2-secret"}
-    b = Broker(tmp_path / "acl-broker", users=users, acl=ACL)
-    await b.start()
+    # The gateway's [mqtt.acl] is the one source: `fiscal-gateway mqtt-acl` renders the broker's
+    # acl_file from it, and the gateway refuses tills it does not list.
     secret = tmp_path / "mqtt-password"
     secret.write_text("gw-secret\n")
+    acl_section = '[mqtt.acl]\nacct-1 = ["till-1"]\nstore = ["till-2", "till-3"]\n'
+    users = {"gateway": "gw-secret", "acct-1": "a1-secret", "store": "st-secret"}
+    port_probe = Broker(tmp_path / "probe")  # only for a [mqtt] section to render from
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        port_probe.gateway_config(username="gateway", password_file=str(secret)) + acl_section
+    )
+    rc, _, err = await _cli("mqtt-acl", "--config", str(config), "--out", str(tmp_path / "acl"))
+    assert rc == 0, err
+    assert "acl_file" in err and "mosquitto_passwd /etc/mosquitto/passwords store" in err
+    acl_text = (tmp_path / "acl").read_text()
+    assert "user store\ntopic write fiscal/gw-1/tills/till-2/req\n" in acl_text
+
+    b = Broker(tmp_path / "acl-broker", users=users, acl=acl_text)
+    await b.start()
     try:
-        cfg = gateway_cfg(b, username="gateway", password_file=str(secret))
-        async with serving(ledger, cfg):
-            t1 = Till(b.port, "till-1", username="till-1", password="t1-secret")
-            t2 = Till(b.port, "till-2", username="till-2", password="t2-secret")
-            async with t1, t2:
-                assert (await t1.request(sale("own-1")))["ok"]
-                # till-1 publishing on till-2's request topic: the broker drops it
-                await t1.publish_raw(
-                    json.dumps(sale("forged", till="till-2")).encode(),
-                    topic=f"{BASE}/till-2/req",
-                    response_topic=f"{BASE}/till-1/res/x",
-                )
-                # till-1 naming till-2 in the body on its own topic: the gateway refuses it
-                mismatch = await t1.request(sale("forged-2", till="till-2"))
-                assert mismatch["error"]["code"] == "UNKNOWN_TILL"
-                assert (await t2.request(sale("own-2", till="till-2")))["ok"]
-                await asyncio.sleep(0.5)
-            assert not t2.by_id.get("forged") and not t1.by_id.get("forged")
+        cfg = parse_config(
+            tomllib.loads(
+                b.gateway_config(username="gateway", password_file=str(secret)) + acl_section
+            )
+        )
+        async with serving(ledger, cfg) as transport:
+            events: list[dict[str, Any]] = []
+            watcher = aiomqtt.Client(
+                "127.0.0.1", b.port, username="acct-1", password="a1-secret", timeout=5.0
+            )
+            async with watcher:
+                await watcher.subscribe("fiscal/gw-1/events", qos=1, timeout=5.0)
+
+                async def watch() -> None:
+                    async for message in watcher.messages:
+                        assert isinstance(message.payload, bytes)
+                        events.append(json.loads(message.payload))
+
+                watching = asyncio.create_task(watch())
+                t1 = Till(b.port, "till-1", username="acct-1", password="a1-secret")
+                t3 = Till(b.port, "till-3", username="store", password="st-secret")
+                # an account that shares the gateway's (full) rights: only the gateway's own
+                # check stands between it and a till nobody configured
+                t9 = Till(b.port, "till-9", username="gateway", password="gw-secret")
+                async with t1, t3, t9:
+                    assert (await t1.request(sale("own-1")))["ok"]
+                    assert (await t3.request(sale("own-3", till="till-3")))["ok"]
+                    # acct-1 publishing on till-2's request topic: the broker drops it
+                    await t1.publish_raw(
+                        json.dumps(sale("forged", till="till-2")).encode(),
+                        topic=f"{BASE}/till-2/req",
+                        response_topic=f"{BASE}/till-1/res/x",
+                    )
+                    refused = await t9.request(sale("t9", till="till-9"))
+                    assert refused["ok"] is False, refused
+                    assert refused["error"]["code"] == "UNKNOWN_TILL"
+                    assert "mqtt.acl" in refused["error"]["message"]
+                    # the store account, as a 3.1.1 command-line till on till-2's exact
+                    # reply topic (the acl_file's res/# rule covers res itself)
+                    port = str(b.port)
+                    auth = ("-u", "store", "-P", "st-secret")
+                    sub = await asyncio.create_subprocess_exec(
+                        "mosquitto_sub", "-V", "mqttv311", "-p", port, *auth, "-q", "1",
+                        "-C", "1", "-W", "15", "-t", f"{BASE}/till-2/res",
+                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    )  # fmt: skip
+                    await asyncio.sleep(0.3)  # let the subscription reach the broker
+                    await _run(
+                        "mosquitto_pub", "-V", "mqttv311", "-p", port, *auth, "-q", "1",
+                        "-t", f"{BASE}/till-2/req", "-m", json.dumps(sale("cli-2", till="till-2")),
+                    )  # fmt: skip
+                    out, err_b = await asyncio.wait_for(sub.communicate(), 20)
+                    assert sub.returncode == 0, err_b
+                    assert json.loads(out)["record"]["request_id"] == "cli-2"
+                    await wait_until(lambda: bool(events), what="the till_refused event")
+                    await asyncio.sleep(0.3)  # a forged request would have been answered by now
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await watching
+            assert not t1.by_id.get("forged")
+            assert [(e["alert"], e["till"]) for e in events] == [("till_refused", "till-9")]
+            assert transport.state()["acl"] == {"tills": 3, "refused": 1}
+            # anonymous clients are not let in at all
+            with pytest.raises(aiomqtt.MqttError):
+                async with Till(b.port, "till-1", timeout_s=1.0):
+                    pass
             # a wrong gateway password: refused by the broker, retried, never connected
             bad = tmp_path / "bad-password"
             bad.write_text("nope\n")
             wrong = gateway_cfg(b, username="gateway", password_file=str(bad), client_id="gw-x")
-            async with serving(ledger, wrong, connected=False) as transport:
-                await wait_until(lambda: transport.state()["last_error"] is not None, what="error")
-                assert transport.connects == 0
+            async with serving(ledger, wrong, connected=False) as other:
+                await wait_until(lambda: other.state()["last_error"] is not None, what="error")
+                assert other.connects == 0
     finally:
         await b.kill()
     assert records(db_path, "till-1") == [(1, "own-1")]
-    assert records(db_path, "till-2") == [(1, "own-2")]
+    assert records(db_path, "till-2") == [(1, "cli-2")]
+    assert records(db_path, "till-3") == [(1, "own-3")]
+    assert records(db_path, "till-9") == []
+
+
+async def test_mqtt_acl_command_refuses_config_without_acl_or_gateway_account(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text("[mqtt]\nenabled = true\n")
+    rc, out, err = await _cli("mqtt-acl", "--config", str(config))
+    assert (rc, out) == (1, "") and "no [mqtt.acl]" in err
+    config.write_text('[mqtt]\nenabled = true\n[mqtt.acl]\nacct-1 = ["till-1"]\n')
+    rc, out, err = await _cli("mqtt-acl", "--config", str(config))
+    assert (rc, out) == (1, "") and "mqtt.username" in err
+    rc, out, err = await _cli("mqtt-acl", "--config", str(config), "--gateway-user", "gw")
+    assert rc == 0 and "user gw\ntopic readwrite fiscal/gw-1/#" in out
+    config.write_text('[mqtt]\nenabled = true\n[mqtt.acl]\nacct-1 = ["not a till"]\n')
+    rc, out, err = await _cli("mqtt-acl", "--config", str(config))
+    assert rc == 78 and "mqtt.acl.acct-1[0]" in err
