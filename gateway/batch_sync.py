@@ -11,11 +11,22 @@ retried). ``skipped``: the record is not for this processor (a receipt for Peppo
 document refused locally (over a limit, or one the driver cannot render) goes to ``review``
 with the reason, before anything is sent.
 
-Crash safety: the batch id is written, in the same transaction as its items going
-``inflight``, as soon as the submit call answers; at start-up every open batch is polled,
-never submitted again. The window between the submit call and that write is the one place
-a crash resends a batch; the drivers name documents deterministically (GoRoute ``id``,
-SIFEN ``cdc``) so the cloud can tell. Every write goes through ``ledger.control``.
+Crash safety: before the submit call leaves, one transaction spends the rate token, writes
+the batch as a ``submitting`` row of ``sync_batches`` (a local reference in place of the
+cloud's id) and puts its items ``inflight`` under that reference, counting the attempt. The
+answer's batch id replaces the reference (``open``) at once; at start-up every open batch is
+polled, never submitted again. A ``submitting`` row found at the start of a run is a submit
+whose answer was never stored (a crash): the cloud may or may not have the batch, and neither
+API offers a way to look it up, so its items go back to ``pending`` marked :data:`UNSURE`
+and are sent again — the cloud answers a document it already has as a duplicate (GoRoute
+``DUPLICATE_DOCUMENT``, SIFEN 1001), which is reconciled as accepted because the item was
+unsure (gateway.core.batch_policy.resolve_duplicate); a duplicate answer for an item that was
+not is someone else's document and needs review. The same holds for an answer lost on the
+wire, a timeout and a lote that timed out.
+
+Retry-After: a 429 holds every request to that cloud (submits and polls) until the time it
+names, bounded by ``retry_after_max_s``; the hold is written (``sync_hold``) so a restart
+does not send early. Every write goes through ``ledger.control``.
 
 What this module leaves to others: HTTP and formats (drivers/cloud/*), the meaning of an
 answer and the rate arithmetic (gateway.core.batch_policy), the engine's registry and the
@@ -30,25 +41,30 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gateway import sync_report
 from gateway.core.batch_policy import (
     ACCEPTED,
+    DUPLICATE,
     FAILED,
     PENDING,
     REVIEW,
     Limits,
     cut_batches,
     doc_refusal,
+    hold_ms,
     rate_keep,
     rate_wait_ms,
+    resolve_duplicate,
 )
-from gateway.core.errors import CloudError
+from gateway.core.errors import CloudBusy, CloudError, CloudUnavailable
 from gateway.core.record import Record, format_time
-from gateway.core.sync_policy import RunStats
+from gateway.core.sync_policy import RunStats, retry_after_s
 from gateway.store import Reader
-from gateway.wakeups import wait_event
+from gateway.wakeups import run_forever
 
 if TYPE_CHECKING:
     from gateway.sync import SyncEngine
@@ -71,7 +87,7 @@ class Document:
 
 @dataclass(frozen=True, slots=True)
 class ItemResult:
-    state: str  # batch_policy ACCEPTED / REVIEW / FAILED / PENDING
+    state: str  # batch_policy ACCEPTED / REVIEW / FAILED / PENDING / DUPLICATE
     ref: str | None = None
     error: str | None = None
 
@@ -115,6 +131,22 @@ class BatchSettings:
     rate_limit: int = 10
     rate_window_s: float = 60.0
     page_records: int = 1000
+    #: the longest a 429's Retry-After is honoured (a longer one is cut to this)
+    retry_after_max_s: float = 300.0
+
+
+#: ``cloud_ref`` of a pending item whose last submit may have reached the cloud without our
+#: learning its verdict (an interrupted submit, a timeout, a dropped connection, a lote that
+#: timed out): a duplicate answer for it later means "already accepted".
+UNSURE = "unsure"
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    attempts: int
+    unsure: bool
+    rec: Record
+    doc: Document
 
 
 @dataclass(slots=True)
@@ -142,6 +174,8 @@ class BatchProcessor:
         self.review_count = 0
         self.next_wake_ms: int | None = None
         self.last_error: str | None = None
+        #: no request to the cloud before this (a 429's Retry-After); 0: none
+        self.hold_until_ms = 0
 
     # ------------------------------------------------------------------ state
 
@@ -155,6 +189,10 @@ class BatchProcessor:
         (self.review_count,) = conn.execute(
             "SELECT count(*) FROM outbox WHERE processor = ? AND state = 'review'", (self.id,)
         ).fetchone()
+        row = conn.execute(
+            "SELECT until_ms FROM sync_hold WHERE processor = ?", (self.id,)
+        ).fetchone()
+        self.hold_until_ms = row[0] if row else 0
 
     async def _write(self, fn: Any) -> Any:
         ledger = self.engine.ledger
@@ -176,14 +214,62 @@ class BatchProcessor:
     def _stamp(self) -> str:
         return format_time(self.engine.clock_ms())
 
-    async def _apply(self, results: list[tuple[str, int, ItemResult]]) -> None:
-        """Write final item results (accepted / review / failed → pending)."""
+    def _held(self) -> bool:
+        """A 429's Retry-After has not passed: send nothing (the loop wakes at its end)."""
+        if self.engine.clock_ms() < self.hold_until_ms:
+            self.next_wake_ms = self.hold_until_ms
+            return True
+        return False
+
+    def _hold(self, conn: sqlite3.Connection, exc: CloudBusy) -> int:
+        """Write the hold a 429 asks for (in the caller's transaction); its end, ms."""
+        now = self.engine.clock_ms()
+        wait_ms = hold_ms(
+            retry_after_s(exc.retry_after, now),
+            default_s=self.settings.rate_window_s,
+            max_s=self.settings.retry_after_max_s,
+        )
+        until = now + wait_ms
+        conn.execute(
+            "INSERT OR REPLACE INTO sync_hold (processor, until_ms, reason) VALUES (?, ?, ?)",
+            (self.id, until, f"Retry-After: {exc.retry_after}"),
+        )
+        return until
+
+    async def _apply(
+        self, results: list[tuple[str, int, ItemResult]], batch_ref: str
+    ) -> list[tuple[str, int, ItemResult]]:
+        """Write final item results of batch ``batch_ref`` (accepted / review / failed →
+        pending), a duplicate resolved first: accepted if the item was :data:`UNSURE` when
+        this batch took it (an earlier submit may have reached the cloud), else review.
+        Returns the results as written; the review ones get their ``SYNC_REJECTED``."""
         stamp = self._stamp()
         pid = self.id
 
-        def fn(conn: sqlite3.Connection) -> int:
-            n_review = 0
+        def fn(conn: sqlite3.Connection) -> list[tuple[str, int, ItemResult]]:
+            unsure: set[tuple[str, int]] = set()
+            if any(r.state == DUPLICATE for _, _, r in results):
+                row = conn.execute(
+                    "SELECT items FROM sync_batches WHERE processor = ? AND batch_id = ?",
+                    (pid, batch_ref),
+                ).fetchone()
+                for item in json.loads(row[0]) if row else []:
+                    if len(item) > 3 and item[3]:
+                        unsure.add((item[0], item[1]))
+            out = []
             for chain, seq, r in results:
+                if r.state == DUPLICATE:
+                    state = resolve_duplicate((chain, seq) in unsure)
+                    if state == ACCEPTED:
+                        log.info(
+                            "%s %s seq %d: the cloud already had it (%s): accepted",
+                            pid,
+                            chain,
+                            seq,
+                            r.error,
+                        )
+                    r = ItemResult(state, r.ref, r.error)
+                out.append((chain, seq, r))
                 if r.state == ACCEPTED:
                     conn.execute(
                         "UPDATE outbox SET state = 'done', cloud_ref = ?, last_error = NULL, "
@@ -191,50 +277,59 @@ class BatchProcessor:
                         (r.ref, stamp, pid, chain, seq),
                     )
                 elif r.state == REVIEW:
-                    n_review += 1
                     conn.execute(
                         "UPDATE outbox SET state = 'review', last_error = ?, updated_at = ? "
                         "WHERE processor = ? AND chain = ? AND seq = ?",
                         (r.error, stamp, pid, chain, seq),
                     )
                 elif r.state == FAILED:
+                    # r.ref: UNSURE when the cloud may still take it (a batch timeout)
                     conn.execute(
-                        "UPDATE outbox SET state = 'pending', cloud_ref = NULL, last_error = ?, "
+                        "UPDATE outbox SET state = 'pending', cloud_ref = ?, last_error = ?, "
                         "updated_at = ? WHERE processor = ? AND chain = ? AND seq = ?",
-                        (r.error, stamp, pid, chain, seq),
+                        (r.ref if r.ref == UNSURE else None, r.error, stamp, pid, chain, seq),
                     )
-            return n_review
+            return out
 
-        self.review_count += await self._write(fn)
+        written: list[tuple[str, int, ItemResult]] = await self._write(fn)
+        review = [(c, s, r) for c, s, r in written if r.state == REVIEW]
+        self.review_count += len(review)
+        for chain, seq, r in review:
+            await sync_report.rejected(
+                self.engine, pid, chain, seq, r.error or "rejected", attempt=batch_ref
+            )
+        return written
 
     # ------------------------------------------------------------------ runs
 
+    def next_wake_s(self) -> float:
+        """Seconds until the next scheduled run: the interval, or sooner for a poll or the
+        end of a Retry-After hold."""
+        timeout = self.settings.interval_s
+        if self.next_wake_ms is not None:
+            timeout = min(timeout, max(0.0, (self.next_wake_ms - self.engine.clock_ms()) / 1000))
+        return timeout
+
     async def loop(self) -> None:
-        trigger = "start"
-        while True:
-            try:
-                await self.run_once(trigger)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("batch run of %s failed", self.id)
-                await asyncio.sleep(1.0)
-            timeout = self.settings.interval_s
-            if self.next_wake_ms is not None:
-                timeout = min(
-                    timeout, max(0.0, (self.next_wake_ms - self.engine.clock_ms()) / 1000)
-                )
-            trigger = "signed" if await wait_event(self.wake, timeout) else "schedule"
-            self.wake.clear()
+        await run_forever(
+            self.run_once,
+            self.wake,
+            self.next_wake_s,
+            lambda: "schedule",
+            what=f"batch run of {self.id}",
+            log=log,
+        )
 
     async def run_once(self, trigger: str) -> RunStats:
-        """One run: poll the open batches, submit new ones within the rate, poll them."""
+        """One run: settle an interrupted submit, poll the open batches, submit new ones
+        within the rate and any Retry-After hold, poll them."""
         async with self.lock:
             started = self.engine.clock_ms()
             t0 = time.monotonic()
             errors0 = self.sender.errors
             stats = RunStats(self.id)
             self.next_wake_ms = None
+            await self._resolve_interrupted()
             opened = await self._open_batches()
             await self._submit_pending(stats, opened)
             if opened:
@@ -245,10 +340,51 @@ class BatchProcessor:
             self.last_error = stats.run_error
             record_run = stats.items > 0 or stats.run_error is not None or trigger == "admin"
             if record_run:
-                await self._write(lambda conn: _insert_run(conn, self.id, stats, started, trigger))
+                await self._write(
+                    lambda conn: sync_report.insert_run(conn, self.id, stats, started, trigger)
+                )
                 self.last_run, self.last_run_at_ms = stats, started
-                self.alerting = stats.alert_triggered or (self.alerting and stats.items == 0)
+            self.alerting = await sync_report.alert(
+                self.engine, self.id, stats, started, self.alerting
+            )
             return stats
+
+    async def _resolve_interrupted(self) -> None:
+        """A ``submitting`` batch is a submit whose answer was never stored (the process
+        died in between): the cloud may have it or not, and no API we speak can tell. Its
+        items go back to ``pending`` with the attempt counted, so the cloud's duplicate
+        answer to the resend is taken as "already accepted" (they are :data:`UNSURE`)."""
+        pid, stamp = self.id, self._stamp()
+
+        def fn(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            found = []
+            for ref, items in conn.execute(
+                "SELECT batch_id, items FROM sync_batches WHERE processor = ? "
+                "AND state = 'submitting'",
+                (pid,),
+            ).fetchall():
+                n = len(json.loads(items))
+                conn.execute(
+                    "UPDATE outbox SET state = 'pending', cloud_ref = ?, last_error = ?, "
+                    "updated_at = ? WHERE processor = ? AND state = 'inflight' AND cloud_ref = ?",
+                    (UNSURE, "submit interrupted; sent again", stamp, pid, ref),
+                )
+                conn.execute(
+                    "UPDATE sync_batches SET state = 'interrupted' WHERE processor = ? "
+                    "AND batch_id = ?",
+                    (pid, ref),
+                )
+                found.append((ref, n))
+            return found
+
+        for ref, n in await self._write(fn):
+            log.warning(
+                "%s: submit %s (%d documents) was interrupted before its answer was stored; "
+                "its documents are sent again (the cloud answers those it has as duplicates)",
+                self.id,
+                ref,
+                n,
+            )
 
     async def _open_batches(self) -> list[_Open]:
         pid = self.id
@@ -260,7 +396,7 @@ class BatchProcessor:
                 "WHERE processor = ? AND state = 'open' ORDER BY submitted_ms",
                 (pid,),
             ):
-                mapping = {d: (c, s) for c, s, d in json.loads(items)}
+                mapping = {d: (c, s) for c, s, d, *_ in json.loads(items)}
                 left = set()
                 for doc_id, (c, s) in mapping.items():
                     row = r.conn.execute(
@@ -277,36 +413,39 @@ class BatchProcessor:
         assert reads is not None
         return await reads.run(q)
 
-    async def _fetch(self, after: tuple[str, int]) -> list[tuple[int, Record]]:
+    async def _fetch(self, after: tuple[str, int]) -> list[tuple[int, bool, Record]]:
         pid, limit = self.id, self.settings.page_records
 
-        def q(r: Reader) -> list[tuple[int, Record]]:
+        def q(r: Reader) -> list[tuple[int, bool, Record]]:
             rows = r.conn.execute(
-                "SELECT o.attempts, r.body, r.hash, r.sig FROM outbox o JOIN records r "
-                "ON r.chain = o.chain AND r.seq = o.seq WHERE o.processor = ? "
+                "SELECT o.attempts, o.cloud_ref, r.body, r.hash, r.sig FROM outbox o "
+                "JOIN records r ON r.chain = o.chain AND r.seq = o.seq WHERE o.processor = ? "
                 "AND o.state = 'pending' AND (o.chain, o.seq) > (?, ?) "
                 "ORDER BY o.chain, o.seq LIMIT ?",
                 (pid, after[0], after[1], limit),
             ).fetchall()
-            return [(a, Record.from_body(json.loads(b), h, s)) for a, b, h, s in rows]
+            return [
+                (a, ref == UNSURE, Record.from_body(json.loads(b), h, s))
+                for a, ref, b, h, s in rows
+            ]
 
         reads = self.engine.reads
         assert reads is not None
         return await reads.run(q)
 
     async def _submit_pending(self, stats: RunStats, opened: list[_Open]) -> None:
-        """Submit what is pending, within the rate; batches still open go into ``opened``.
-        A submit the cloud did not take ends it (``run_error``): its items are failed."""
+        """Submit what is pending, within the rate and any hold; batches still open go into
+        ``opened``. A submit the cloud did not take ends it (``run_error``)."""
         limits = self.sender.limits
         after = ("", 0)
         while True:
             page = await self._fetch(after)
             if not page:
                 return
-            after = (page[-1][1].chain, page[-1][1].seq)
-            docs: list[tuple[int, Record, Document]] = []
+            after = (page[-1][2].chain, page[-1][2].seq)
+            docs: list[_Item] = []
             settle: list[tuple[str, int, str, str | None]] = []  # chain, seq, state, error
-            for attempts, rec in page:
+            for attempts, unsure, rec in page:
                 try:
                     doc = self.sender.document(rec)
                     refusal = None if doc is None else doc_refusal(doc.size_bytes, limits)
@@ -320,11 +459,24 @@ class BatchProcessor:
                 elif doc is None:
                     settle.append((rec.chain, rec.seq, "skipped", None))
                 else:
-                    docs.append((attempts, rec, doc))
+                    docs.append(_Item(attempts, unsure, rec, doc))
             if settle:
                 await self._settle(settle)
-                stats.rejected += sum(1 for s in settle if s[2] == "review")
-            for idx in cut_batches([d.size_bytes for _, _, d in docs], limits):
+                refused = [(c, s, e) for c, s, st, e in settle if st == "review"]
+                stats.rejected += len(refused)
+                stats.chains.update(c for c, _, _ in refused)
+                for chain, seq, err in refused:
+                    await sync_report.rejected(
+                        self.engine,
+                        self.id,
+                        chain,
+                        seq,
+                        err or "",
+                        attempt=f"local-{uuid.uuid4().hex[:12]}",
+                    )
+            for idx in cut_batches([d.doc.size_bytes for d in docs], limits):
+                if self._held():
+                    return
                 batch = [docs[i] for i in idx]
                 now = self.engine.clock_ms()
                 window_ms = int(self.settings.rate_window_s * 1000)
@@ -334,30 +486,24 @@ class BatchProcessor:
                 if wait > 0:
                     self.next_wake_ms = now + wait
                     return
-                await self._take_token(now, window_ms)
-                stats.batches_created += 1
-                if any(a > 0 for a, _, _ in batch):
-                    stats.batches_retried += 1
-                stats.chains.update(r.chain for _, r, _ in batch)
+                ref = await self._intend(batch, now, window_ms)
                 try:
-                    sub = await self.sender.submit([d for _, _, d in batch])
+                    sub = await self.sender.submit([d.doc for d in batch])
                 except CloudError as exc:
-                    stats.failed += len(batch)
-                    stats.run_error = f"{exc.code}: {exc.message}"
-                    await self._settle(
-                        [(r.chain, r.seq, "pending", stats.run_error[:500]) for _, r, _ in batch],
-                        attempt=True,
-                    )
+                    await self._refused(ref, batch, exc, stats)
                     return
-                o = await self._record_batch(sub, batch)
+                stats.batches_created += 1
+                if any(d.attempts > 0 for d in batch):
+                    stats.batches_retried += 1
+                stats.chains.update(d.rec.chain for d in batch)
+                o = await self._record_batch(ref, sub, batch)
                 done = [
                     (o.items[d][0], o.items[d][1], r)
                     for d, r in sub.results.items()
                     if d in o.items and r.state != PENDING
                 ]
-                self._count(done, stats)
                 if done:
-                    await self._apply(done)
+                    self._count(await self._apply(done, o.batch_id), stats)
                 o.left -= {d for d, r in sub.results.items() if r.state != PENDING}
                 if o.left:
                     opened.append(o)
@@ -365,7 +511,8 @@ class BatchProcessor:
                     await self._close(o.batch_id, "done")
 
     def _count(self, done: list[tuple[str, int, ItemResult]], stats: RunStats) -> None:
-        for _, _, r in done:
+        for chain, _, r in done:
+            stats.chains.add(chain)
             if r.state == ACCEPTED:
                 stats.accepted += 1
             elif r.state == REVIEW:
@@ -373,53 +520,124 @@ class BatchProcessor:
             else:
                 stats.failed += 1
 
-    async def _take_token(self, now_ms: int, window_ms: int) -> None:
+    async def _intend(self, batch: list[_Item], now_ms: int, window_ms: int) -> str:
+        """Before the submit call leaves, in one transaction: spend the rate token, write the
+        batch as ``submitting`` under a local reference, put its items ``inflight`` under it
+        and count the attempt. Returns the reference."""
         keep = rate_keep(
             [*self.sent_ms, now_ms], now_ms, limit=self.settings.rate_limit, window_ms=window_ms
         )
-        pid = self.id
+        ref = f"submitting:{uuid.uuid4().hex}"
+        # the 4th element: the item was UNSURE (see _apply)
+        items = [(d.rec.chain, d.rec.seq, d.doc.doc_id, int(d.unsure)) for d in batch]
+        pid, stamp = self.id, format_time(now_ms)
 
         def fn(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM sync_rate WHERE processor = ?", (pid,))
             conn.executemany(
                 "INSERT INTO sync_rate (processor, sent_ms) VALUES (?, ?)", [(pid, t) for t in keep]
             )
+            conn.execute(
+                "INSERT INTO sync_batches (processor, batch_id, state, submitted_ms, items) "
+                "VALUES (?, ?, 'submitting', ?, ?)",
+                (pid, ref, now_ms, json.dumps(items)),
+            )
+            conn.executemany(
+                "UPDATE outbox SET state = 'inflight', cloud_ref = ?, attempts = attempts + 1, "
+                "updated_at = ? WHERE processor = ? AND chain = ? AND seq = ?",
+                [(ref, stamp, pid, c, s) for c, s, _, _ in items],
+            )
 
         await self._write(fn)
         self.sent_ms = keep
+        return ref
 
-    async def _settle(
-        self, rows: list[tuple[str, int, str, str | None]], *, attempt: bool = False
+    async def _refused(
+        self, ref: str, batch: list[_Item], exc: CloudError, stats: RunStats
     ) -> None:
+        """The submit call failed. An answer that says the batch was not taken (429, 401,
+        4xx) takes the attempt back and leaves each item as unsure as it was; a timeout, a
+        dropped connection or a 5xx may have gone through: the attempt stays counted and the
+        items become :data:`UNSURE` (a duplicate answer later is "already accepted"). A 429
+        holds every request until its Retry-After. The items are pending again; apart from a
+        429 (nothing failed: the cloud asked us to wait) they count as failed."""
+        error = f"{exc.code}: {exc.message}"[:500]
+        maybe_sent = isinstance(exc, CloudUnavailable)
+        busy = exc if isinstance(exc, CloudBusy) else None
+        pid, stamp = self.id, self._stamp()
+        keys = [(d.rec.chain, d.rec.seq) for d in batch]
+
+        def fn(conn: sqlite3.Connection) -> int:
+            conn.executemany(
+                "UPDATE outbox SET state = 'pending', cloud_ref = ?, last_error = ?, "
+                "attempts = attempts - ?, updated_at = ? "
+                "WHERE processor = ? AND chain = ? AND seq = ? AND cloud_ref = ?",
+                [
+                    (
+                        UNSURE if maybe_sent or d.unsure else None,
+                        error,
+                        0 if maybe_sent else 1,
+                        stamp,
+                        pid,
+                        d.rec.chain,
+                        d.rec.seq,
+                        ref,
+                    )
+                    for d in batch
+                ],
+            )
+            conn.execute(
+                "UPDATE sync_batches SET state = ? WHERE processor = ? AND batch_id = ?",
+                ("unknown" if maybe_sent else "refused", pid, ref),
+            )
+            return self._hold(conn, busy) if busy is not None else 0
+
+        until = await self._write(fn)
+        if busy is not None:
+            self.hold_until_ms = self.next_wake_ms = until
+            error += f"; holding every request until {format_time(until)}"
+            log.warning("%s: %s", self.id, error)
+        else:
+            stats.batches_created += 1
+            stats.failed += len(batch)
+            stats.chains.update(c for c, _ in keys)
+            if any(d.attempts > 0 for d in batch):
+                stats.batches_retried += 1
+        stats.run_error = error
+
+    async def _settle(self, rows: list[tuple[str, int, str, str | None]]) -> None:
         stamp, pid = self._stamp(), self.id
-        inc = 1 if attempt else 0
 
         def fn(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE outbox SET state = ?, last_error = ?, attempts = attempts + ?, "
-                "updated_at = ? WHERE processor = ? AND chain = ? AND seq = ?",
-                [(st, err, inc, stamp, pid, c, s) for c, s, st, err in rows],
+                "UPDATE outbox SET state = ?, last_error = ?, updated_at = ? "
+                "WHERE processor = ? AND chain = ? AND seq = ?",
+                [(st, err, stamp, pid, c, s) for c, s, st, err in rows],
             )
 
         await self._write(fn)
         self.review_count += sum(1 for r in rows if r[2] == "review")
 
-    async def _record_batch(
-        self, sub: Submission, batch: list[tuple[int, Record, Document]]
-    ) -> _Open:
-        items = [(r.chain, r.seq, d.doc_id) for _, r, d in batch]
-        now, stamp, pid = self.engine.clock_ms(), self._stamp(), self.id
+    async def _record_batch(self, ref: str, sub: Submission, batch: list[_Item]) -> _Open:
+        """The submit answered: its batch id replaces the local reference (``open``)."""
+        items = [(d.rec.chain, d.rec.seq, d.doc.doc_id) for d in batch]
+        now, pid = self.engine.clock_ms(), self.id
 
         def fn(conn: sqlite3.Connection) -> None:
+            # a cloud that reuses an id (a restarted simulator) must not hide the new batch
             conn.execute(
-                "INSERT OR REPLACE INTO sync_batches (processor, batch_id, state, submitted_ms, "
-                "items) VALUES (?, ?, 'open', ?, ?)",
-                (pid, sub.batch_id, now, json.dumps(items)),
+                "DELETE FROM sync_batches WHERE processor = ? AND batch_id = ?",
+                (pid, sub.batch_id),
             )
-            conn.executemany(
-                "UPDATE outbox SET state = 'inflight', cloud_ref = ?, attempts = attempts + 1, "
-                "updated_at = ? WHERE processor = ? AND chain = ? AND seq = ?",
-                [(sub.batch_id, stamp, pid, c, s) for c, s, _ in items],
+            conn.execute(
+                "UPDATE sync_batches SET batch_id = ?, state = 'open', submitted_ms = ? "
+                "WHERE processor = ? AND batch_id = ?",
+                (sub.batch_id, now, pid, ref),
+            )
+            conn.execute(
+                "UPDATE outbox SET cloud_ref = ? WHERE processor = ? AND state = 'inflight' "
+                "AND cloud_ref = ?",
+                (sub.batch_id, pid, ref),
             )
 
         await self._write(fn)
@@ -438,7 +656,8 @@ class BatchProcessor:
         await self._write(fn)
 
     async def _poll_all(self, opened: list[_Open], stats: RunStats) -> None:
-        """Poll every open batch until each item is final or the batch times out."""
+        """Poll every open batch until each item is final or the batch times out. Under a
+        hold (a 429) polling stops; the batches stay open for a later run."""
         timeout_ms = int(self.settings.poll_timeout_s * 1000)
         live = [o for o in opened if o.left]
         for o in opened:
@@ -448,8 +667,16 @@ class BatchProcessor:
             await asyncio.sleep(self.settings.poll_interval_s)
             still = []
             for o in live:
+                if self._held():
+                    return
                 try:
                     results = await self.sender.poll(o.batch_id, sorted(o.left))
+                except CloudBusy as exc:
+                    self.hold_until_ms = self.next_wake_ms = await self._write(
+                        lambda conn, exc=exc: self._hold(conn, exc)
+                    )
+                    log.warning("%s poll of %s: %s; holding", self.id, o.batch_id, exc.message)
+                    return
                 except CloudError as exc:
                     # a failed poll is not a verdict: poll again until the timeout
                     log.warning("%s poll of %s failed: %s", self.id, o.batch_id, exc.message)
@@ -460,19 +687,18 @@ class BatchProcessor:
                     if d in o.left and r.state != PENDING
                 ]
                 if done:
-                    self._count(done, stats)
-                    await self._apply(done)
+                    self._count(await self._apply(done, o.batch_id), stats)
                     o.left -= {d for d, r in results.items() if r.state != PENDING}
                 if not o.left:
                     await self._close(o.batch_id, "done")
                 elif self.engine.clock_ms() - o.submitted_ms >= timeout_ms:
                     err = f"batch {o.batch_id} not final after {self.settings.poll_timeout_s:g} s"
+                    # the cloud may still process them: a duplicate answer later is ours
                     lost = [
-                        (o.items[d][0], o.items[d][1], ItemResult(FAILED, error=err))
+                        (o.items[d][0], o.items[d][1], ItemResult(FAILED, UNSURE, err))
                         for d in sorted(o.left)
                     ]
-                    self._count(lost, stats)
-                    await self._apply(lost)
+                    self._count(await self._apply(lost, o.batch_id), stats)
                     await self._close(o.batch_id, "timeout")
                     log.warning(
                         "%s: %s; its %d items go into a later batch", self.id, err, len(lost)
@@ -505,9 +731,10 @@ class BatchProcessor:
         pid, stamp = self.id, self._stamp()
 
         def fn(conn: sqlite3.Connection) -> int:
+            # a review item's earlier submits all have a verdict: it is not UNSURE
             cur = conn.execute(
-                "UPDATE outbox SET state = 'pending', updated_at = ? WHERE processor = ? "
-                "AND chain = ? AND seq = ? AND state = 'review'",
+                "UPDATE outbox SET state = 'pending', cloud_ref = NULL, updated_at = ? "
+                "WHERE processor = ? AND chain = ? AND seq = ? AND state = 'review'",
                 (stamp, pid, chain, seq),
             )
             return cur.rowcount
@@ -544,33 +771,11 @@ class BatchProcessor:
             "last_error": self.last_error,
             "alert": self.alerting,
             "needs_review": self.review_count,
+            "hold_until": format_time(self.hold_until_ms)
+            if self.hold_until_ms > self.engine.clock_ms()
+            else None,
             "last_run": self.last_run.result_json() if self.last_run else None,
             "last_run_at": format_time(self.last_run_at_ms)
             if self.last_run_at_ms is not None
             else None,
         }
-
-
-def _insert_run(
-    conn: sqlite3.Connection, pid: str, s: RunStats, started_ms: int, trigger: str
-) -> None:
-    conn.execute(
-        "INSERT INTO sync_runs (processor, started_ms, trigger, batches_created, "
-        "batches_retried, accepted, rejected, failed, errors_count, failure_rate, "
-        "alert_triggered, duration_ms, run_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            pid,
-            started_ms,
-            trigger,
-            s.batches_created,
-            s.batches_retried,
-            s.accepted,
-            s.rejected,
-            s.failed,
-            s.errors_count,
-            s.failure_rate,
-            int(s.alert_triggered),
-            s.duration_ms,
-            s.run_error,
-        ),
-    )

@@ -3,11 +3,15 @@
 The ledger writer puts one ``outbox`` row per record and processor in the record's own
 transaction, with an idempotency key fixed then; those rows are the only queue. Signing never
 waits for this module: it reads with the read pool, and every write of sync state (a record
-accepted or rejected, an uplink state, a run's stats) goes through ``ledger.control`` — in the
-writer thread, between two group commits — so the engine never competes with signing for
-SQLite's write lock. Accepted records are written in ranges, at most every
-``sync.flush_interval_s``: after a crash the unwritten ones are sent again under their fixed
-keys and the cloud answers from its idempotency cache (no duplicate).
+accepted or rejected, an uplink state, a run's stats) goes through the ledger writer — so the
+engine never competes with signing for SQLite's write lock. Accepted records are written in
+ranges, at most every ``sync.flush_interval_s``, as a low-priority write
+(``Ledger.write_soon``: in the next sale's group commit, no fsync of their own); after a
+crash the unwritten ones are sent again under their fixed keys and the cloud answers from
+its idempotency cache (no duplicate). Uplink states and run stats go through
+``ledger.control`` at once (between two group commits): they decide how the next record is
+flagged. The replay steps aside while POS requests are in flight
+(``SyncEngine.yield_to_pos``, bounded), so a sale never waits behind replay work.
 
 A processor is registered under a ``country/system`` id. :class:`RealtimeProcessor` is the
 real-time shape: per chain, records go up strictly in ``seq`` order, one at a time; each
@@ -43,12 +47,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gateway import sync_report
 from gateway.core.errors import (
     CloudError,
     CloudRejected,
     GatewayError,
     OfflineLimitReached,
 )
+from gateway.core.events import budget_event, uplink_event
 from gateway.core.offline_budget import PROTOCOL_MAX_PENDING, Budget, BudgetLimits, assess, worst
 from gateway.core.record import Record, format_time, parse_time
 from gateway.core.replay import replay_headers
@@ -68,7 +74,7 @@ from gateway.core.uplink import (
 from gateway.ledger import Entry, Ledger, WriterView
 from gateway.reads import ReadPool
 from gateway.store import Reader
-from gateway.wakeups import wait_event
+from gateway.wakeups import run_forever, wait_event
 
 if TYPE_CHECKING:
     from gateway.batch_sync import BatchProcessor
@@ -109,6 +115,8 @@ class ProcessorSettings:
     probe_min_s: float = 1.0
     probe_max_s: float = 300.0
     page_records: int = 200
+    #: liveness probe of an online uplink after this long without any exchange (docs/sync.md)
+    idle_probe_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +133,21 @@ def _now_ms() -> int:
 
 @dataclass(slots=True)
 class _Row:
+    """A pending outbox row. The record is parsed when it is about to be sent, on the event
+    loop, one at a time (~40 µs), not a page at once in a read thread: a page of 200 parsed
+    there held the GIL for milliseconds in one go, in the way of every sale signed meanwhile."""
+
     seq: int
     key: str
     cloud_ref: str | None
     attempts: int
-    record: Record
+    body: bytes
+    hash: str
+    sig: str
+    time: str
+
+    def record(self) -> Record:
+        return Record.from_body(json.loads(self.body), self.hash, self.sig)
 
 
 @dataclass(slots=True)
@@ -164,7 +182,11 @@ class RealtimeProcessor:
         self.alerting = False
         self.last_run: RunStats | None = None
         self.last_run_at_ms: int | None = None
+        #: monotonic time of the last answer from the cloud (a probe or an accepted record)
+        self.last_contact = time.monotonic()
         self._writes = _Writes()
+        #: accepted-marks handed to the writer as a low-priority write (Ledger.write_soon)
+        self._ack_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -223,6 +245,53 @@ class RealtimeProcessor:
             or time.monotonic() - w.first_ack_mono >= self.engine.settings.flush_interval_s
         )
 
+    def _mark_done(
+        self, conn: sqlite3.Connection, acks: dict[str, tuple[int, int]], stamp: str
+    ) -> None:
+        for chain, (lo, hi) in acks.items():
+            conn.execute(
+                "UPDATE outbox SET state = 'done', attempts = attempts + 1, "
+                "last_error = NULL, updated_at = ? WHERE processor = ? AND chain = ? "
+                "AND seq BETWEEN ? AND ? AND state = 'pending'",
+                (stamp, self.id, chain, lo, hi),
+            )
+
+    def _flush_acks_soon(self) -> None:
+        """Hand the accepted-marks to the writer as a low-priority write: they ride in the
+        next sale's group commit (no commit, no fsync of their own while the tills sign), or
+        get their own transaction within ``Ledger.defer_max_s``. The replay does not wait for
+        it; while one is waiting, new marks accumulate for the next. If it fails, its marks
+        are kept for the next write (until then the records stay pending in the database and
+        a restart would send them again: the cloud answers from its idempotency cache)."""
+        if self._ack_task is not None and not self._ack_task.done():
+            return
+        acks = dict(self._writes.acks)
+        if not acks:
+            return
+        self._writes.acks.clear()
+        self._writes.first_ack_mono = None
+        ledger = self.engine.ledger
+        assert ledger is not None
+        stamp = format_time(self.engine.clock_ms())
+
+        async def flush() -> None:
+            try:
+                await ledger.write_soon(lambda conn: self._mark_done(conn, acks, stamp))
+            except GatewayError as exc:
+                log.warning("accepted-marks of %s not written yet: %s", self.id, exc.message)
+                for chain, (lo, hi) in acks.items():
+                    cur = self._writes.acks.get(chain)
+                    self._writes.acks[chain] = (
+                        (min(lo, cur[0]), max(hi, cur[1])) if cur else (lo, hi)
+                    )
+
+        self._ack_task = asyncio.create_task(flush(), name=f"acks {self.id}")
+
+    async def settle(self) -> None:
+        """Wait for the accepted-marks handed to the writer (shutdown)."""
+        if self._ack_task is not None:
+            await self._ack_task
+
     async def write(
         self,
         *,
@@ -249,13 +318,7 @@ class RealtimeProcessor:
                     states[chain] = on_drained(replace(u, state=REPLAYING), now)
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for chain, (lo, hi) in writes.acks.items():
-                    conn.execute(
-                        "UPDATE outbox SET state = 'done', attempts = attempts + 1, "
-                        "last_error = NULL, updated_at = ? WHERE processor = ? AND chain = ? "
-                        "AND seq BETWEEN ? AND ? AND state = 'pending'",
-                        (stamp, self.id, chain, lo, hi),
-                    )
+                self._mark_done(conn, writes.acks, stamp)
                 for chain, seq, state, error, ref in writes.marks:
                     conn.execute(
                         "UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?, "
@@ -279,35 +342,29 @@ class RealtimeProcessor:
                     )
                 if run is not None:
                     s, started_ms, trigger = run
-                    conn.execute(
-                        "INSERT INTO sync_runs (processor, started_ms, trigger, batches_created, "
-                        "batches_retried, accepted, rejected, failed, errors_count, "
-                        "failure_rate, alert_triggered, duration_ms, run_error) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            self.id,
-                            started_ms,
-                            trigger,
-                            s.batches_created,
-                            s.batches_retried,
-                            s.accepted,
-                            s.rejected,
-                            s.failed,
-                            s.errors_count,
-                            s.failure_rate,
-                            int(s.alert_triggered),
-                            s.duration_ms,
-                            s.run_error,
-                        ),
-                    )
+                    sync_report.insert_run(conn, self.id, s, started_ms, trigger)
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-            # in the writer thread, after the commit: the records signed from now on see it
+            # in the writer thread, after the commit: the records signed from now on see it,
+            # and the event journal is told of each transition as it happens (it only queues)
+            olds = {
+                chain: self.uplinks.get(chain) if chain == ANY_CHAIN else self.uplink(chain)
+                for chain in states
+            }
+            # chains without a row of their own follow the cloud's row: they move with it
+            implicit = {}
+            if ANY_CHAIN in states:
+                implicit = {
+                    c: self.uplink(c)
+                    for c in ledger.heads()
+                    if c not in self.uplinks and c not in states
+                }
             for chain, u in states.items():
-                if self.uplinks.get(chain) != u:
+                old = olds[chain]
+                if old != u:
                     log.info(
                         "uplink %s %s: %s",
                         self.id,
@@ -316,12 +373,28 @@ class RealtimeProcessor:
                         extra={"chain": chain, "processor": self.id, "state": u.state},
                     )
                 self.uplinks[chain] = u
+                if chain != ANY_CHAIN and old is not None:
+                    self.engine.uplink_changed(self.id, chain, old.state, u)
+            for chain, was in implicit.items():
+                now_u = self.uplink(chain)
+                if now_u.state != was.state:
+                    self.uplinks[chain] = now_u
+                    self.engine.uplink_changed(self.id, chain, was.state, now_u)
 
         if writes.empty() and not states and not drained and run is None:
             return
         await ledger.control(fn)
 
     # ------------------------------------------------------------------ runs
+
+    def idle_probe_in_s(self) -> float | None:
+        """Seconds until the liveness probe of an online uplink that has had no exchange for
+        ``idle_probe_s`` (0: due now); None while the cloud is not online (offline uplinks
+        have their own probe schedule)."""
+        cloud = self.uplinks.get(ANY_CHAIN, Uplink(ONLINE))
+        if cloud.state != ONLINE:
+            return None
+        return max(0.0, self.last_contact + self.settings.idle_probe_s - time.monotonic())
 
     def next_wake_s(self, now_ms: int) -> float:
         due = [
@@ -332,21 +405,24 @@ class RealtimeProcessor:
         wait_s = self.settings.interval_s
         if due:
             wait_s = min(wait_s, max(0.0, (min(due) - now_ms) / 1000.0))
+        idle = self.idle_probe_in_s()
+        if idle is not None:
+            wait_s = min(wait_s, idle)
         return wait_s
 
+    def _timed_trigger(self) -> str:
+        idle = self.idle_probe_in_s()
+        return "probe" if idle is not None and idle <= 0.0 else "schedule"
+
     async def loop(self) -> None:
-        trigger = "start"
-        while True:
-            try:
-                await self.run_once(trigger)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("sync run of %s failed", self.id)
-                await asyncio.sleep(1.0)
-            timeout = self.next_wake_s(self.engine.clock_ms())
-            trigger = "signed" if await wait_event(self.wake, timeout) else "schedule"
-            self.wake.clear()
+        await run_forever(
+            self.run_once,
+            self.wake,
+            lambda: self.next_wake_s(self.engine.clock_ms()),
+            self._timed_trigger,
+            what=f"sync run of {self.id}",
+            log=log,
+        )
 
     async def run_once(self, trigger: str) -> RunStats:
         """One run: probe if due, drain every chain that has work. Returns its stats."""
@@ -358,19 +434,27 @@ class RealtimeProcessor:
             forced = trigger in ("admin", "start")
             states: dict[str, Uplink] = {}
             cloud = self.uplinks.get(ANY_CHAIN, Uplink(ONLINE))
-            if forced or (cloud.state == OFFLINE and cloud.may_send(started)):
+            # "probe": the uplink is online but nothing went up for idle_probe_s; without a
+            # look now an outage would go unnoticed until the next record (docs/sync.md)
+            if forced or trigger == "probe" or (cloud.state == OFFLINE and cloud.may_send(started)):
                 try:
                     await self.sender.probe()
                 except CloudError as exc:
                     stats.run_error = f"{exc.code}: {exc.message}"
                     states = self._fail_all(exc, started)
                 else:
+                    self.last_contact = time.monotonic()
                     if cloud.state != ONLINE:
-                        states[ANY_CHAIN] = on_success(cloud, started, offline_waiting=False)
+                        # written now, not with the run's end: a send failing in this run
+                        # takes the cloud offline again, and the end must not undo that
+                        await self.write(
+                            uplinks={ANY_CHAIN: on_success(cloud, started, offline_waiting=False)}
+                        )
                         for chain, u in self.uplinks.items():
                             if u.state == OFFLINE and chain != ANY_CHAIN:
                                 self.uplinks[chain] = replace(u, next_probe_ms=0)
             drained: list[str] = []
+            cloud = self.uplinks.get(ANY_CHAIN, Uplink(ONLINE))
             if stats.run_error is None and (states.get(ANY_CHAIN, cloud).state == ONLINE):
                 chains = self._chains_with_work(forced)
                 if chains:
@@ -472,15 +556,12 @@ class RealtimeProcessor:
                 ).fetchone()
             rows = c.execute(
                 "SELECT o.seq, o.idempotency_key, o.cloud_ref, o.attempts, r.body, r.hash, "
-                "r.sig FROM outbox o JOIN records r ON r.chain = o.chain AND r.seq = o.seq "
+                "r.sig, r.time FROM outbox o JOIN records r ON r.chain = o.chain AND r.seq = o.seq "
                 "WHERE o.processor = ? AND o.chain = ? AND o.state = 'pending' AND o.seq > ? "
                 "AND o.seq <= ? ORDER BY o.seq LIMIT ?",
                 (pid, chain, cursor, hi, limit),
             ).fetchall()
-            page = [
-                _Row(seq, key, ref, attempts, Record.from_body(json.loads(body), h, sig))
-                for seq, key, ref, attempts, body, h, sig in rows
-            ]
+            page = [_Row(*row) for row in rows]
             return page, offline_after + added, hi
 
         reads = self.engine.reads
@@ -504,19 +585,21 @@ class RealtimeProcessor:
                     stats.batches_retried += 1
                 stats.chains.add(chain)
             for i, row in enumerate(page):
-                rec = row.record
+                rec = row.record()
                 if rec.offline:
                     offline_after -= 1
                 replay = replay_headers(max(0, offline_after), rec.hash) if rec.offline else {}
+                await self.engine.yield_to_pos()
                 try:
                     await self.sender.send(rec, row.key, replay, row.cloud_ref)
                 except (CloudError, PartialSend) as exc:
                     await self._failed(chain, row, exc, stats)
                     return False
                 stats.accepted += 1
+                self.last_contact = time.monotonic()
                 self.acked[chain] = row.seq
                 self._ack(chain, row.seq)
-                nxt = page[i + 1].record if i + 1 < len(page) else None
+                nxt = page[i + 1] if i + 1 < len(page) else None
                 if nxt is not None:
                     self.oldest[chain] = (nxt.seq, parse_time(nxt.time))
                 else:
@@ -527,7 +610,7 @@ class RealtimeProcessor:
                         uplinks={chain: on_success(u, self.engine.clock_ms(), offline_waiting=True)}
                     )
                 elif self._due_flush():
-                    await self.write()
+                    self._flush_acks_soon()
                 cursor = row.seq
 
     async def _failed(
@@ -553,16 +636,7 @@ class RealtimeProcessor:
             self.acked[chain] = row.seq
             self._writes.marks.append((chain, row.seq, "rejected", message, ref))
             await self.write(uplinks={chain: on_rejected(u, now, message)})
-            await self.engine.event(
-                chain,
-                f"sync-rejected:{self.id}:{chain}:{row.seq}",
-                {
-                    "event": "SYNC_REJECTED",
-                    "processor": self.id,
-                    "seq": row.seq,
-                    "error": message[:500],
-                },
-            )
+            await sync_report.rejected(self.engine, self.id, chain, row.seq, message)
             return
         stats.failed += 1
         log.warning(
@@ -588,29 +662,7 @@ class RealtimeProcessor:
         await self.write(uplinks=states)
 
     async def _alert(self, stats: RunStats, now_ms: int) -> None:
-        if stats.alert_triggered and not self.alerting:
-            self.alerting = True
-            log.error(
-                "%s failure rate %.3f above %.3f: alert",
-                self.id,
-                stats.failure_rate,
-                self.engine.settings.alert_failure_rate,
-            )
-            for chain in sorted(stats.chains):
-                await self.engine.event(
-                    chain,
-                    f"sync-alert:{self.id}:{now_ms}:{chain}",
-                    {
-                        "event": "SYNC_ALERT",
-                        "processor": self.id,
-                        "failure_rate": f"{stats.failure_rate:.3f}",
-                        "threshold": f"{self.engine.settings.alert_failure_rate:.3f}",
-                        "failed": stats.failed,
-                        "items": stats.items,
-                    },
-                )
-        elif not stats.alert_triggered and stats.items > 0:
-            self.alerting = False
+        self.alerting = await sync_report.alert(self.engine, self.id, stats, now_ms, self.alerting)
 
     async def resume(self, chain: str) -> Uplink:
         u = self.uplink(chain)
@@ -622,6 +674,16 @@ class RealtimeProcessor:
         return new
 
 
+#: ``on_event(code, chain=..., **fields)``: the app's event journal (it only queues).
+EventSink = Callable[..., None]
+#: Longest a record's send waits for POS requests in flight to be answered (docs/sync.md,
+#: "Sharing the box with the tills"): a till that never pauses slows the replay, never stops it.
+POS_YIELD_MAX_S = 0.02
+#: Seconds between looks at the offline budgets' age levels (count levels are looked at
+#: as soon as records are signed).
+BUDGET_WATCH_S = 1.0
+
+
 class SyncEngine:
     """The registry of processors and everything the rest of the daemon asks of sync."""
 
@@ -631,10 +693,21 @@ class SyncEngine:
         *,
         clock_ms: Callable[[], int] = _now_ms,
         rand: Callable[[], float] = random.random,
+        on_event: EventSink | None = None,
     ) -> None:
         self.settings = settings
         self.clock_ms = clock_ms
         self.rand = rand
+        #: told of every uplink transition and budget level reached, as it happens
+        #: (UPLINK_OFFLINE, UPLINK_ONLINE, OFFLINE_WARNING, OFFLINE_LIMIT; docs/events.md)
+        self.on_event = on_event
+        #: (processor, chain) → the budget level last reported
+        self._levels: dict[tuple[str, str], str] = {}
+        self._budget_wake = asyncio.Event()
+        #: POS requests being answered now (pos_begin / pos_end, from the app's dispatcher)
+        self.pos_inflight = 0
+        self._pos_idle = asyncio.Event()
+        self._pos_idle.set()
         self.processors: dict[str, RealtimeProcessor] = {}
         #: the batch-shaped processors (gateway.batch_sync); not in the offline budget
         self.batch_processors: dict[str, BatchProcessor] = {}
@@ -676,6 +749,10 @@ class SyncEngine:
                 b.load(conn)
 
         await ledger.control(load)
+        # a state seen bad at start-up is recorded too: a restart hides nothing
+        for p in self.processors.values():
+            for chain in sorted((set(heads) | set(p.uplinks)) - {ANY_CHAIN}):
+                self.uplink_changed(p.id, chain, ONLINE, p.uplink(chain))
         for p in self.processors.values():
             await p.sender.start()
         for b in self.batch_processors.values():
@@ -686,6 +763,8 @@ class SyncEngine:
         if not self.processors and not self.batch_processors:
             return
         async with asyncio.TaskGroup() as tg:
+            if self.processors:
+                tg.create_task(self._watch_budgets(), name="offline budget watch")
             for p in self.processors.values():
                 tg.create_task(p.loop(), name=f"sync {p.id}")
             for b in self.batch_processors.values():
@@ -696,10 +775,93 @@ class SyncEngine:
         for p in self.processors.values():
             with contextlib.suppress(GatewayError, RuntimeError):
                 if self.ledger is not None and self.ledger.writer_alive:
+                    await p.settle()
                     await p.write()
             await p.sender.close()
         for b in self.batch_processors.values():
             await b.sender.close()
+
+    # ------------------------------------------------------------------ the tills first
+
+    def pos_begin(self) -> None:
+        """A POS request arrived (the app's dispatcher; on the event loop)."""
+        self.pos_inflight += 1
+        self._pos_idle.clear()
+
+    def pos_end(self) -> None:
+        """It was answered."""
+        self.pos_inflight = max(0, self.pos_inflight - 1)
+        if self.pos_inflight == 0:
+            self._pos_idle.set()
+
+    async def yield_to_pos(self) -> None:
+        """Wait (at most POS_YIELD_MAX_S) until no POS request is in flight: a sale being
+        signed gets the event loop, the GIL and the ledger writer without a replay's HTTP
+        work or a write of sync state in its way. Returns at once when the tills are quiet."""
+        if self._pos_idle.is_set():
+            return
+        await wait_event(self._pos_idle, POS_YIELD_MAX_S)
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, code: str, chain: str, fields: dict[str, Any]) -> None:
+        sink = self.on_event
+        if sink is None:
+            return
+        try:
+            sink(code, chain=chain, **fields)
+        except Exception:  # a broken hook must not stop sync (or the writer thread)
+            log.exception("event %s for %s not reported", code, chain)
+
+    def uplink_changed(self, processor: str, chain: str, old_state: str, new: Uplink) -> None:
+        """A chain's uplink moved (called where it happens: the writer thread, right after the
+        commit that made it; or at start-up). Never blocks: the sink only queues."""
+        code = uplink_event(old_state, new.state)
+        if code == "UPLINK_OFFLINE":
+            self._emit(code, chain, {"processor": processor, "error": new.last_error})
+        elif code is not None:
+            self._emit(code, chain, {"processor": processor})
+
+    async def _watch_budgets(self) -> None:
+        """Report each chain's offline budget reaching a worse level (OFFLINE_WARNING,
+        OFFLINE_LIMIT): at once after records are signed (count levels), and every
+        BUDGET_WATCH_S (age levels grow with time alone). The first look reports a level
+        already bad at start-up."""
+        while True:
+            try:
+                await self.check_budgets()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("offline budget check failed")
+            await wait_event(self._budget_wake, BUDGET_WATCH_S)
+            self._budget_wake.clear()
+
+    async def check_budgets(self) -> None:
+        ledger = self.ledger
+        if ledger is None:
+            return
+        for chain in sorted(ledger.heads()):
+            for p in self.processors.values():
+                key = (p.id, chain)
+                old = self._levels.get(key, "ok")
+                if old == "ok" and p.pending(chain, ledger.heads()[chain].seq) == 0:
+                    continue
+                pending, oldest_ms = await self._unsent(p, chain, ledger.heads()[chain].seq)
+                age_s = None if oldest_ms is None else (self.clock_ms() - oldest_ms) / 1000.0
+                b = assess(self.settings.limits, pending, age_s)
+                self._levels[key] = b.level
+                code = budget_event(old, b.level)
+                if code is not None:
+                    self._emit(
+                        code,
+                        chain,
+                        {
+                            "processor": p.id,
+                            "pending_records": b.pending_records,
+                            "oldest_unsent_age_s": b.to_json()["oldest_unsent_age_s"],
+                        },
+                    )
 
     # ------------------------------------------------------------------ ledger hooks
 
@@ -754,7 +916,14 @@ class SyncEngine:
             for rec in records:
                 if p.acked.get(rec.chain, 0) == rec.seq - 1 and rec.chain not in p.oldest:
                     p.oldest[rec.chain] = (rec.seq, parse_time(rec.time))
+                if rec.chain not in p.uplinks:
+                    # a chain born while the cloud is away: its journal says so too
+                    u = p.uplink(rec.chain)
+                    if u.state != ONLINE:
+                        p.uplinks[rec.chain] = u
+                        self.uplink_changed(p.id, rec.chain, ONLINE, u)
             p.wake.set()
+        self._budget_wake.set()
 
     async def event(self, chain: str, request_id: str, payload: dict[str, Any]) -> None:
         """A technical-event record (INTENTION::EVENT) in ``chain``; never raises."""
@@ -788,21 +957,25 @@ class SyncEngine:
         pending = 0
         oldest_ms: int | None = None
         for p in self.processors.values():
-            n = p.pending(chain, head_seq)
-            if n == 0:
-                continue
+            n, t = await self._unsent(p, chain, head_seq)
             pending = max(pending, n)
-            first = p.acked.get(chain, 0) + 1
-            known = p.oldest.get(chain)
-            t = (
-                known[1]
-                if known is not None and known[0] == first
-                else await self._time(chain, first)
-            )
             if t is not None:
                 oldest_ms = t if oldest_ms is None else min(oldest_ms, t)
         age = None if oldest_ms is None else (now - oldest_ms) / 1000.0
         return assess(self.settings.limits, pending, age)
+
+    async def _unsent(
+        self, p: RealtimeProcessor, chain: str, head_seq: int
+    ) -> tuple[int, int | None]:
+        """Records of ``chain`` not yet accepted by ``p``, and the time of the oldest."""
+        n = p.pending(chain, head_seq)
+        if n == 0:
+            return 0, None
+        first = p.acked.get(chain, 0) + 1
+        known = p.oldest.get(chain)
+        if known is not None and known[0] == first:
+            return n, known[1]
+        return n, await self._time(chain, first)
 
     async def _time(self, chain: str, seq: int) -> int | None:
         if self.reads is None:
@@ -836,7 +1009,8 @@ class SyncEngine:
         def q(r: Reader) -> dict[str, tuple[int, ...]]:
             rows = r.conn.execute(
                 "SELECT processor, sum(batches_created), sum(batches_retried), sum(accepted), "
-                "sum(rejected), sum(failed) FROM sync_runs WHERE started_ms >= ? "
+                "sum(rejected), sum(failed), sum(alert_triggered) FROM sync_runs "
+                "WHERE started_ms >= ? "
                 "GROUP BY processor",
                 (since,),
             ).fetchall()
@@ -845,7 +1019,7 @@ class SyncEngine:
         sums = await self.reads.run(q)
         out = []
         for pid in sorted(set(ids) | set(sums)):
-            b, br, a, rj, f = sums.get(pid, (0, 0, 0, 0, 0))
+            b, br, a, rj, f, al = sums.get(pid, (0, 0, 0, 0, 0, 0))
             out.append(
                 stats_json(
                     pid,
@@ -854,6 +1028,7 @@ class SyncEngine:
                     accepted=a,
                     rejected=rj,
                     failed=f,
+                    alerts_triggered=al,
                     since_ms=since,
                 )
             )

@@ -8,6 +8,7 @@ read it, so a minute passes without sleeping.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,7 +56,7 @@ class FakeClock:
         return self.ms / 1000.0
 
     def advance(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
+        self.ms += round(seconds * 1000)
 
 
 def invoice_request(
@@ -128,12 +129,32 @@ class BatchGateway:
         return out
 
     async def states(self, pid: str) -> dict[str, int]:
+        """Outbox states of the processor's rows, technical-event records left out (a run
+        signs SYNC_REJECTED / SYNC_ALERT; the next run marks them skipped)."""
         rows = await self.reads.run(
             lambda r: r.conn.execute(
-                "SELECT state, count(*) FROM outbox WHERE processor = ? GROUP BY state", (pid,)
+                "SELECT o.state, count(*) FROM outbox o JOIN records r ON r.chain = o.chain "
+                "AND r.seq = o.seq WHERE o.processor = ? AND r.type != 'INTENTION::EVENT' "
+                "GROUP BY o.state",
+                (pid,),
             ).fetchall()
         )
         return dict(rows)
+
+    async def events(self, code: str) -> list[dict[str, Any]]:
+        """The payloads of the technical-event records with this code, in signing order."""
+        rows = await self.reads.run(
+            lambda r: r.conn.execute(
+                "SELECT chain, body FROM records WHERE type = 'INTENTION::EVENT' "
+                "ORDER BY time, chain, seq"
+            ).fetchall()
+        )
+        out = []
+        for chain, body in rows:
+            payload = json.loads(body)["payload"]
+            if payload.get("event") == code:
+                out.append({"chain": chain, **payload})
+        return out
 
     async def refs(self, pid: str) -> dict[tuple[str, int], str | None]:
         rows = await self.reads.run(

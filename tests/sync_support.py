@@ -22,6 +22,7 @@ from drivers.signers.software import SoftwareSigner
 from gateway.core.offline_budget import BudgetLimits
 from gateway.core.record import Record
 from gateway.core.request import request_fingerprint, validate_sale
+from gateway.events import EventJournal
 from gateway.ledger import Entry, Ledger, Signed
 from gateway.reads import ReadPool
 from gateway.sync import EngineSettings, ProcessorSettings, RealtimeProcessor, SyncEngine
@@ -111,6 +112,7 @@ class Gateway:
     engine: SyncEngine
     client: FiskalyClient
     clock_offset_ms: list[int] = field(default_factory=lambda: [0])
+    events: EventJournal | None = None
 
     @property
     def processor(self) -> RealtimeProcessor:
@@ -150,9 +152,12 @@ async def gateway(
     clock_ms: Callable[[], int] | None = None,
     processor: ProcessorSettings | None = None,
     run_loop: bool = True,
+    events: bool = False,
     **client_overrides: Any,
 ) -> AsyncIterator[Gateway]:
-    """Open a ledger + engine + client on ``url``; the processor loop runs in a task."""
+    """Open a ledger + engine + client on ``url``; the processor loop runs in a task.
+    ``events``: with the daemon's event journal wired as in gateway.app (the engine pushes
+    uplink and budget events into it; its worker signs them into the chains)."""
     offset = [0]
 
     def now_ms() -> int:
@@ -176,14 +181,20 @@ async def gateway(
         clock_ms=clock,
     )
     reads = ReadPool(db_path)
-    task: asyncio.Task[None] | None = None
+    journal = EventJournal(window_s=60.0, clock_ms=clock) if events else None
+    tasks: list[asyncio.Task[None]] = []
     try:
+        if journal is not None:
+            engine.on_event = journal.record
         await engine.start(ledger, reads)
+        if journal is not None:
+            journal.bind(ledger, guard=engine.guard, on_signed=engine.signed)
+            tasks.append(asyncio.create_task(journal.run()))
         if run_loop:
-            task = asyncio.create_task(engine.run())
-        yield Gateway(ledger, reads, engine, client, offset)
+            tasks.append(asyncio.create_task(engine.run()))
+        yield Gateway(ledger, reads, engine, client, offset, journal)
     finally:
-        if task is not None:
+        for task in tasks:
             task.cancel()
             try:
                 await task
@@ -208,6 +219,20 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what or check}")
         await asyncio.sleep(0.02)
+
+
+async def event_codes(gw: Gateway, chain: str = "till-1") -> list[str]:
+    """The technical events recorded in ``chain``, in order (durable: signed records)."""
+
+    def q(r: Any) -> list[str]:
+        rows = r.conn.execute(
+            "SELECT json_extract(CAST(body AS TEXT), '$.payload.event') FROM records "
+            "WHERE chain = ? AND type = 'INTENTION::EVENT' ORDER BY seq",
+            (chain,),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    return list(await gw.reads.run(q))
 
 
 def check_upstream(

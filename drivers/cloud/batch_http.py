@@ -3,9 +3,10 @@ call under a total timeout, and the answer's status mapped to the error tree at 
 
 Mapping (gateway.core.sync_policy's classes): connect error, timeout, dropped connection,
 5xx, 408 → :class:`CloudUnavailable`; 401 → :class:`CloudAuthFailed`; 429 →
-:class:`CloudBusy`; any other 4xx → :class:`CloudRejected` (the request itself is wrong: a
-bug, since the limits are checked before sending). What this module leaves to the drivers:
-URLs, headers and bodies.
+:class:`CloudBusy` carrying the ``Retry-After`` header as sent (the engine reads it on its
+clock and holds every request until then); any other 4xx → :class:`CloudRejected` (the
+request itself is wrong: a bug, since the limits are checked before sending). What this
+module leaves to the drivers: URLs, headers and bodies.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class BatchHttp:
             async with self.session.request(method, url, headers=headers, data=body) as resp:
                 raw = await resp.read()
                 status = resp.status
+                retry_after = resp.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.errors += 1
             raise CloudUnavailable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
@@ -60,7 +62,7 @@ class BatchHttp:
         if cls == AUTH:
             raise CloudAuthFailed(message)
         if cls == BUSY:
-            raise CloudBusy(message)
+            raise CloudBusy(message, retry_after)
         if cls == PERMANENT:
             raise CloudRejected(message, status)
         raise CloudUnavailable(message)

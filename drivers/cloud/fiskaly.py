@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
 from gateway.core.errors import (
@@ -215,30 +215,31 @@ class FiskalyClient:
     # ------------------------------------------------------------------ one exchange
 
     async def _exchange(
-        self, path: str, body: bytes, headers: dict[str, str]
+        self, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
     ) -> tuple[int, Any, bytes]:
-        """One POST: (status, headers, body); CloudUnavailable when no answer came."""
+        """One request: (status, headers, body); CloudUnavailable when no answer came."""
         if self._session is None:
             await self.start()
         assert self._session is not None
         self.calls += 1
+        what = f"{method} {path}"
         try:
-            async with self._session.post(
-                self.base_url + path, data=body, headers=headers, timeout=self.timeout
+            async with self._session.request(
+                method, self.base_url + path, data=body, headers=headers, timeout=self.timeout
             ) as resp:
                 return resp.status, resp.headers, await resp.read()
         except TimeoutError as exc:
             self.errors += 1
-            raise CloudUnavailable(f"POST {path}: no answer in time (timeout)") from exc
+            raise CloudUnavailable(f"{what}: no answer in time (timeout)") from exc
         except aiohttp.ClientConnectorError as exc:
             self.errors += 1
-            raise CloudUnavailable(f"POST {path}: cannot connect: {exc.os_error}") from exc
+            raise CloudUnavailable(f"{what}: cannot connect: {exc.os_error}") from exc
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
             self.errors += 1
-            raise CloudUnavailable(f"POST {path}: connection dropped: {exc}") from exc
+            raise CloudUnavailable(f"{what}: connection dropped: {exc}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             self.errors += 1
-            raise CloudUnavailable(f"POST {path}: {type(exc).__name__}: {exc}") from exc
+            raise CloudUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
     def _headers(self, key: str) -> dict[str, str]:
         return {
@@ -253,6 +254,50 @@ class FiskalyClient:
     async def ensure_token(self) -> None:
         """Have a valid token (the probe of an offline uplink)."""
         await self._token()
+
+    async def check_system(self) -> None:
+        """``GET /systems/{system_id}`` (seed 004, "Retrieve a system"): the cheapest call that
+        proves the cloud answers *and* takes our token — the liveness probe. Retried in place
+        like any call (``retry_attempts``, backoff with jitter: a keep-alive connection the
+        cloud closed meanwhile must not count as an outage); a 401 gets one new token.
+        Raises CloudUnavailable / CloudAuthFailed."""
+        s = self.settings
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(CloudUnavailable),
+            stop=stop_after_attempt(s.retry_attempts),
+            wait=wait_exponential_jitter(
+                multiplier=s.retry_min_s, max=s.retry_max_s, jitter=s.retry_min_s
+            ),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._get_system()
+
+    async def _get_system(self) -> None:
+        path = f"/systems/{self.settings.system_id}"
+        for auth_attempt in range(2):
+            bearer = await self._token()
+            headers = {
+                "Accept": "application/json",
+                "X-Api-Version": self.settings.api_version,
+                "Authorization": f"Bearer {bearer}",
+            }
+            status, _, data = await self._exchange(path, None, headers, method="GET")
+            kind = classify_status(status)
+            if kind == OK:
+                return
+            self.errors += 1
+            what = f"GET {path} answered {status} ({_snippet(data)})"
+            if kind == AUTH and auth_attempt == 0:
+                self.drop_token()
+                continue
+            if kind in (TRANSIENT, BUSY):
+                raise CloudUnavailable(what)
+            # 401 twice, or 404: the system id is not (or no longer) ours. The cloud answers
+            # but takes no record from us: as good as unreachable until a technician acts
+            raise CloudAuthFailed(what)
 
     def drop_token(self) -> None:
         self._bearer = None
@@ -438,7 +483,9 @@ class FiskalyUplink:
         await self.client.close()
 
     async def probe(self) -> None:
-        await self.client.ensure_token()
+        """A token if none is valid, then ``GET /systems/{id}`` (a real round trip even
+        when the token is still good: this is what notices an outage while idle)."""
+        await self.client.check_system()
 
     async def send(
         self, record: Record, key: str, replay: dict[str, str], cloud_ref: str | None

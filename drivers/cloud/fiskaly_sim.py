@@ -19,6 +19,12 @@ strict about every rule the seed states or docs/sync.md chose where the seed is 
   in ``content.data``, whose hash is recomputed from its canonical bytes and must match
   ``metadata.fg_hash``. Per chain, final records must arrive in ``seq`` order, each linking
   to the previous hash (the first one seen starts the chain).
+- Liveness probe: ``GET /systems/{system_id}`` (seed 004, "Retrieve a system") with
+  ``X-Api-Version`` and a valid bearer; 404 for a system that is not known.
+- The outage window (docs/sync.md, "Noticing an outage"): with ``outage_grace_s`` set, a
+  record flagged *online* whose signing time lies more than ``outage_grace_s`` into an
+  outage (:meth:`FiskalySim.down` … :meth:`FiskalySim.up`, on the wall clock) is a
+  violation: the gateway must have noticed the outage by then and flagged it offline.
 - Replay headers: present exactly on records flagged offline, both or neither;
   ``X-Replay-Remaining`` ``^\\d{1,4}$``, ``X-Replay-Hash`` base64 of the record's hash. Per
   chain, a replay stretch opens with any count and then counts down by one per record to 0;
@@ -202,6 +208,7 @@ class FiskalySim:
         idempotency_ttl_s: float = 86400.0,
         faults: FaultPlan | None = None,
         clock: Callable[[], float] = time.time,
+        outage_grace_s: float | None = None,
     ) -> None:
         self.api_keys = dict(api_keys)
         self.system_ids = set(system_ids)
@@ -209,6 +216,9 @@ class FiskalySim:
         self.idempotency_ttl_s = idempotency_ttl_s
         self.faults = faults or FaultPlan()
         self._clock = clock
+        self.outage_grace_s = outage_grace_s
+        #: (start, end or None) of every outage, wall clock (the gateway's clock too)
+        self.outages: list[tuple[float, float | None]] = []
         self.offset_s = 0.0
         self._jwt_secret = secrets.token_bytes(32)
         self._cache: dict[str, _Cached] = {}
@@ -250,6 +260,7 @@ class FiskalySim:
         app = web.Application(client_max_size=4 << 20)
         app.router.add_post("/tokens", self._tokens)
         app.router.add_post("/records", self._records)
+        app.router.add_get("/systems/{system_id}", self._system)
         app.router.add_get("/_sim/stats", self._stats)
         app.router.add_post("/_sim/control", self._control)
         return app
@@ -270,13 +281,16 @@ class FiskalySim:
 
     async def down(self) -> None:
         """Stop listening and drop every connection: clients get connection refused."""
+        if not self._held_down:
+            self.outages.append((self._clock(), None))
         self._held_down = True
         await self._close_listener()
 
     async def up(self) -> None:
+        if self._held_down and self.outages and self.outages[-1][1] is None:
+            self.outages[-1] = (self.outages[-1][0], self._clock())
         self._held_down = False
-        if self._server is None:
-            await self._listen(self.port)
+        await self._relisten()
 
     async def _close_listener(self) -> None:
         if self._server is not None:
@@ -360,8 +374,7 @@ class FiskalySim:
             status, {"error": {"status": status, "message": message}}, replayed=False
         )
 
-    def _common(self, request: web.Request) -> str:
-        """Checks every POST shares; returns the idempotency key."""
+    def _check_version(self, request: web.Request) -> None:
         version = request.headers.get("X-Api-Version")
         if version is None:
             raise _Violation(400, "X-Api-Version header is required")
@@ -369,6 +382,10 @@ class FiskalySim:
             raise _Violation(400, f"X-Api-Version {version!r} is not YYYY-MM-DD")
         if version not in SUPPORTED_VERSIONS:
             raise _Violation(400, f"X-Api-Version {version} does not support FR")
+
+    def _common(self, request: web.Request) -> str:
+        """Checks every POST shares; returns the idempotency key."""
+        self._check_version(request)
         key = request.headers.get("X-Idempotency-Key")
         if key is None:
             raise _Violation(400, "X-Idempotency-Key header is required on POST")
@@ -450,6 +467,41 @@ class FiskalySim:
             replayed=False,
         )
 
+    # ------------------------------------------------------------------ /systems
+
+    async def _system(self, request: web.Request) -> web.Response:
+        """Retrieve a system (the gateway's liveness probe)."""
+        self.requests["/systems"] += 1
+        try:
+            self._check_version(request)
+            self._check_token(request)
+        except _Violation as v:
+            return self._error(v.status, v.message, violation=v.status != 401)
+        system_id = request.match_info["system_id"]
+        if system_id not in self.system_ids:
+            return self._error(404, f"system {system_id} not found", violation=False)
+        return self._answer(
+            200,
+            {"content": {"id": system_id, "state": "ACTIVE", "mode": "OPERATIVE"}, "metadata": {}},
+        )
+
+    def _check_outage(self, chain: str, seq: int, data: dict[str, Any]) -> None:
+        """A record flagged online must not be signed well into an outage (outage_grace_s)."""
+        grace = self.outage_grace_s
+        if grace is None or not isinstance(data.get("time"), str):
+            return
+        try:
+            signed_s = datetime.fromisoformat(data["time"].replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return  # the hash check names a broken record
+        for start, end in self.outages:
+            if start + grace < signed_s and (end is None or signed_s < end):
+                raise _Violation(
+                    400,
+                    f"{chain} seq {seq}: flagged online but signed {signed_s - start:.1f} s "
+                    f"into an outage (the gateway must notice one within {grace} s)",
+                )
+
     # ------------------------------------------------------------------ /records
 
     async def _records(self, request: web.Request) -> web.StreamResponse:
@@ -522,8 +574,22 @@ class FiskalySim:
 
     async def _reopen_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-        if not self._held_down and self._server is None:
-            await self._listen(self.port)
+        await self._relisten()
+
+    async def _relisten(self, timeout_s: float = 30.0) -> None:
+        """Listen on our port again. While it was closed, a client's connection to it may
+        have been given that very port as its source (a TCP self-connect: the kernel picks
+        ephemeral ports from the range ours is in); it holds the port until the client gives
+        up on it, so retry until then instead of staying down for good."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self._held_down and self._server is None:
+            try:
+                await self._listen(self.port)
+            except OSError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -605,6 +671,8 @@ class FiskalySim:
                 raise _Violation(400, f"{ctype} links to the intention of another record")
         if final:
             self._check_data(content.get("data"), chain, seq, hash_hex, offline)
+            if not offline:
+                self._check_outage(chain, seq, content["data"])
             if view.last_seq is not None and (
                 seq != view.last_seq + 1 or content["data"]["prev_hash"] != view.last_hash
             ):
@@ -703,6 +771,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-ttl-s", type=float, default=3600.0)
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--down", action="store_true", help="start with the listener closed")
+    p.add_argument(
+        "--outage-grace-s",
+        type=float,
+        default=None,
+        help="refuse online records signed more than this into an outage (docs/sync.md)",
+    )
     args = p.parse_args(argv)
 
     async def serve() -> None:
@@ -711,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             system_ids={args.system_id},
             token_ttl_s=args.token_ttl_s,
             faults=FaultPlan(rate=args.fault_rate),
+            outage_grace_s=args.outage_grace_s,
         )
         await sim.start(args.host, args.port)
         if args.down:

@@ -9,6 +9,10 @@ batch API (seed 001, docs/sync.md "peppol/goroute").
   answer's, with ``"status": "pending"`` for items not done yet (the simulator does).
 - Which records: ``TRANSACTION::INVOICE`` only (everything else is ``skipped``). A document's
   ``id`` is ``<chain>:<seq>``: fixed by the record, the same after any retry or restart.
+- A ``rejected`` item with code ``DUPLICATE_DOCUMENT`` (GoRoute already has a document with
+  that invoice number; seed 001 names no such code, it is our assumption) is a duplicate: the
+  engine reconciles it as accepted when an earlier batch of ours may have carried it
+  (gateway.core.batch_policy.resolve_duplicate), keeping the ``transaction_id`` it names.
 - An invoice whose buyer has no ``endpoint_id`` or ``country`` cannot be a Peppol invoice and
   is refused locally (needs review), as is one over the size limits.
 """

@@ -5,13 +5,18 @@
   (seed's table): more than ``max_docs`` documents → 400; a body over ``max_batch_bytes`` →
   413; one ``xml`` over ``max_doc_bytes`` → 413; more than ``rate_limit`` batches in any
   ``rate_window_s`` on the simulator's clock → 429 with ``Retry-After``. Every such refusal
-  is also a *violation* (the gateway must never cause one).
+  is also a *violation* (the gateway must never cause one), and so is any request (a submit
+  or a status poll) that comes before a 429's ``Retry-After`` has passed (see
+  :mod:`drivers.cloud.loopback`).
 - Per item: the XML must parse and carry every element of
   :data:`gateway.core.ubl.MANDATORY_PATHS` (else ``rejected`` ``VALIDATION_ERROR``
   "Missing required element: ..."); ``outcomes[id]`` forces an item's answer
   (``("rejected", code, message)`` or ``("failed", code, message)``; a ``failed`` outcome
   is used once, then the item is accepted); otherwise ``accepted`` with a transaction id.
-  A document id accepted before and accepted again is counted in ``duplicates``.
+  Like an access point, it never takes an invoice twice: a document whose invoice number
+  (``cbc:ID``) was accepted before is ``rejected`` with ``DUPLICATE_DOCUMENT`` and the first
+  one's ``transaction_id`` (our assumption; the seed names no code), counted in
+  ``duplicates``.
 - ``?async=true``: ``{"batch_id", "status": "processing"}`` at once; ``GET
   /api/v1/batches/{id}`` answers ``processing`` with the items ``pending`` for
   ``async_polls`` polls, then ``completed`` with every result and the counts.
@@ -28,8 +33,11 @@ from typing import Any
 from aiohttp import web
 
 from drivers.cloud.fiskaly_sim import FaultPlan
-from drivers.cloud.loopback import LoopbackServer
-from gateway.core.ubl import missing_elements
+from drivers.cloud.loopback import LoopbackServer, serve
+from gateway.core.batch_policy import GOROUTE_DUPLICATE
+from gateway.core.ubl import NS, missing_elements
+
+RATE_LIMITED = {"error": {"code": "RATE_LIMITED", "message": "Too many requests"}}
 
 
 class GoRouteSim(LoopbackServer):
@@ -45,19 +53,24 @@ class GoRouteSim(LoopbackServer):
         rate_limit: int = 10,
         rate_window_s: float = 60.0,
         async_polls: int = 2,
+        retry_after_format: str = "seconds",
     ) -> None:
-        super().__init__(**({"clock": clock} if clock else {}), faults=faults)
+        super().__init__(
+            **({"clock": clock} if clock else {}),
+            faults=faults,
+            rate_limit=rate_limit,
+            rate_window_s=rate_window_s,
+            retry_after_format=retry_after_format,
+        )
         self.api_keys = api_keys
         self.max_docs = max_docs
         self.max_batch_bytes = max_batch_bytes
         self.max_doc_bytes = max_doc_bytes
-        self.rate_limit = rate_limit
-        self.rate_window_s = rate_window_s
         self.async_polls = async_polls
         self.outcomes: dict[str, tuple[str, str, str]] = {}
-        self.batch_times: list[float] = []
         self.batches: dict[str, dict[str, Any]] = {}
         self.accepted: dict[str, str] = {}  # doc id → transaction id
+        self.invoices: dict[str, str] = {}  # invoice number (cbc:ID) → transaction id
         self.documents: dict[str, bytes] = {}  # doc id → last xml received
         self.duplicates = 0
         self.polls = 0
@@ -73,6 +86,10 @@ class GoRouteSim(LoopbackServer):
     async def _send(self, request: web.Request) -> web.Response:
         if not self._auth(request):
             return self.answer(401, {"error": {"code": "UNAUTHORIZED", "message": "bad key"}})
+        key = request.headers["X-API-Key"]
+        early = self.early(key, RATE_LIMITED)
+        if early is not None:
+            return early
         raw = await request.read()
         if len(raw) > self.max_batch_bytes:
             return self.answer(
@@ -101,18 +118,14 @@ class GoRouteSim(LoopbackServer):
                 return self.answer(
                     413, {"error": {"code": "DOCUMENT_TOO_LARGE"}}, violation="document over bytes"
                 )
+        throttled = self.over_rate(key, RATE_LIMITED)
+        if throttled is not None:
+            return throttled
         now = self.now()
-        recent = [t for t in self.batch_times if t > now - self.rate_window_s]
-        if len(recent) >= self.rate_limit:
-            resp = self.answer(
-                429, {"error": {"code": "RATE_LIMITED"}}, violation="over the batch rate"
-            )
-            resp.headers["Retry-After"] = str(int(recent[0] + self.rate_window_s - now) + 1)
-            return resp
         is_async = request.query.get("async") == "true"
 
         async def process() -> web.Response:
-            self.batch_times.append(now)
+            self.sent_times.append(now)
             self._n += 1
             batch_id = f"batch_{self._n:06d}"
             results = [self._item(d) for d in docs]
@@ -128,13 +141,16 @@ class GoRouteSim(LoopbackServer):
                 )
             return self.answer(200, self._summary(batch_id, results))
 
-        return await self.with_faults(request, process)
+        return await self.with_faults(request, key, process)
 
     def _item(self, d: dict[str, Any]) -> dict[str, Any]:
         doc_id, xml = d["id"], d["xml"].encode("utf-8")
         self.documents[doc_id] = xml
+        number = None
         try:
             missing = missing_elements(xml)
+            root = ET.fromstring(xml)  # noqa: S314 (a loopback test peer, not the internet)
+            number = root.findtext("cbc:ID", namespaces=NS)
         except ET.ParseError as exc:
             missing = [f"well-formed XML ({exc})"]
         if missing:
@@ -146,16 +162,28 @@ class GoRouteSim(LoopbackServer):
                     "message": f"Missing required element: {missing[0]}",
                 },
             }
+        first = self.invoices.get(number or "")
+        if first is not None:
+            self.duplicates += 1
+            return {
+                "id": doc_id,
+                "status": "rejected",
+                "transaction_id": first,
+                "error": {
+                    "code": GOROUTE_DUPLICATE,
+                    "message": f"Invoice {number} was already accepted as {first}",
+                },
+            }
         forced = self.outcomes.get(doc_id)
         if forced is not None:
             status, code, message = forced
             if status == "failed":
                 del self.outcomes[doc_id]
             return {"id": doc_id, "status": status, "error": {"code": code, "message": message}}
-        if doc_id in self.accepted:
-            self.duplicates += 1
-        txn = f"txn_{len(self.accepted) + self.duplicates:08d}"
+        txn = f"txn_{len(self.invoices) + 1:08d}"
         self.accepted[doc_id] = txn
+        if number:
+            self.invoices[number] = txn
         return {"id": doc_id, "status": "accepted", "transaction_id": txn}
 
     def _summary(self, batch_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,6 +198,9 @@ class GoRouteSim(LoopbackServer):
     async def _status(self, request: web.Request) -> web.Response:
         if not self._auth(request):
             return self.answer(401, {"error": {"code": "UNAUTHORIZED", "message": "bad key"}})
+        early = self.early(request.headers["X-API-Key"], RATE_LIMITED)
+        if early is not None:
+            return early
         self.polls += 1
         batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
@@ -190,22 +221,10 @@ class GoRouteSim(LoopbackServer):
             },
         )
 
-    def max_in_window(self) -> int:
-        """The most batches taken in any ``rate_window_s`` (for the tests)."""
-        times = sorted(self.batch_times)
-        best = 0
-        j = 0
-        for i, t in enumerate(times):
-            while times[j] <= t - self.rate_window_s:
-                j += 1
-            best = max(best, i - j + 1)
-        return best
-
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m drivers.cloud.goroute_sim --port 8710`` (API key ``sim-key``)."""
     import argparse
-    import asyncio
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8710)
@@ -213,20 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--async-polls", type=int, default=2)
     args = parser.parse_args(argv)
 
-    async def serve() -> None:
-        sim = GoRouteSim(api_keys={args.api_key}, async_polls=args.async_polls)
-        await sim.start(args.port)
-        print(f"goroute simulator on {sim.url}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await sim.stop()
-
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
-    return 0
+    sim = GoRouteSim(api_keys={args.api_key}, async_polls=args.async_polls)
+    return serve(sim, args.port, "goroute simulator")
 
 
 if __name__ == "__main__":

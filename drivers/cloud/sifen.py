@@ -9,7 +9,9 @@ lote polled until every document is final (seed 002, docs/sync.md "paraguay/sife
 - Query (seed 002): ``POST {base_url}/consulta/lote`` with ``token``, ``Emisor`` and
   ``{"lote"}``; ``resultados[]`` per ``cdc`` with ``estado`` (``Aprobado``, ``Rechazado``
   with ``codigoError``/``mensajeError``, ``Procesando``, ``En Cola``). HTTP 500 with a
-  message is a failed poll (CloudUnavailable), never a verdict.
+  message is a failed poll (CloudUnavailable), never a verdict. ``Rechazado`` 1001 ("CDC
+  duplicado") is a duplicate: the engine reconciles it as accepted when an earlier lote of
+  ours may have carried that CDC (gateway.core.batch_policy.resolve_duplicate).
 - Which records: ``TRANSACTION::RECEIPT`` and ``TRANSACTION::INVOICE`` (factura
   electrónica, ``iTiDE`` 01); the rest is ``skipped``. Each document is named by its CDC
   (gateway.core.cdc): fixed by configuration and the record, so a resend names the same one.
@@ -23,7 +25,7 @@ from typing import Any
 
 from drivers.cloud.batch_http import BatchHttp
 from gateway.batch_sync import Document, DocumentRefused, ItemResult, Submission
-from gateway.core.batch_policy import PENDING, REVIEW, Limits, classify_sifen
+from gateway.core.batch_policy import DUPLICATE, PENDING, REVIEW, Limits, classify_sifen
 from gateway.core.cdc import CdcError, Issuer, derive_cdc
 from gateway.core.errors import CloudUnavailable
 from gateway.core.record import Record
@@ -59,9 +61,9 @@ def cdc_of(issuer: Issuer, record: Record) -> str:
 
 
 def item_result(item: dict[str, Any]) -> ItemResult:
-    state = classify_sifen(str(item.get("estado", "")))
+    state = classify_sifen(str(item.get("estado", "")), item.get("codigoError"))
     error = None
-    if state == REVIEW:
+    if state in (REVIEW, DUPLICATE):
         error = f"{item.get('codigoError')}: {item.get('mensajeError')}"
     return ItemResult(state, str(item.get("cdc")), error)
 

@@ -7,12 +7,16 @@ drivers/cloud/sifen.py), for tests and demo.
 - ``POST /recibe/lote``: ``{"documentos": [{"cdc", "de"}]}``, 1 to ``max_docs`` documents
   (else 400), a body of at most ``max_lote_bytes`` (else 413), each ``cdc`` 44 digits with a
   valid modulo-11 check digit (else 400); more than ``rate_limit`` lotes per
-  ``rate_window_s`` → 429. Every such refusal is a violation.
-- A lote's documents are ``En Cola`` for the first poll, ``Procesando`` for the next
-  ``processing_polls`` polls, then final: ``Aprobado``, or ``Rechazado`` with the
-  ``codigoError``/``mensajeError`` of ``rejections[cdc]``. ``stuck`` lotes never finish.
+  ``rate_window_s`` → 429 with ``Retry-After``. Every such refusal is a violation, and so is
+  any request that comes before a 429's ``Retry-After`` has passed
+  (:mod:`drivers.cloud.loopback`).
+- Each document's verdict is decided when its lote is received (SIFEN processes a lote
+  whether or not anyone polls): ``Rechazado`` with the ``codigoError``/``mensajeError`` of
+  ``rejections[cdc]``; ``Rechazado`` 1001 "CDC duplicado" for a CDC an earlier lote already
+  carried to approval (SIFEN never approves a CDC twice; counted in ``duplicates``); else
+  ``Aprobado``. Polls show it: ``En Cola`` for the first poll, ``Procesando`` for the next
+  ``processing_polls`` polls, then the verdict. ``stuck`` lotes never show it.
   ``poll_errors``: that many next polls answer 500 ("Error interno: ...").
-- A CDC approved twice is counted in ``duplicates``.
 - Faults on the submit call: :class:`drivers.cloud.loopback.LoopbackServer`.
 """
 
@@ -25,8 +29,11 @@ from typing import Any
 from aiohttp import web
 
 from drivers.cloud.fiskaly_sim import FaultPlan
-from drivers.cloud.loopback import LoopbackServer
+from drivers.cloud.loopback import LoopbackServer, serve
+from gateway.core.batch_policy import SIFEN_DUPLICATE_CDC
 from gateway.core.cdc import valid_cdc
+
+TOO_MANY = {"mensaje": "demasiados lotes"}
 
 
 class SifenSim(LoopbackServer):
@@ -42,20 +49,24 @@ class SifenSim(LoopbackServer):
         rate_limit: int = 10,
         rate_window_s: float = 60.0,
         processing_polls: int = 1,
+        retry_after_format: str = "seconds",
     ) -> None:
-        super().__init__(**({"clock": clock} if clock else {}), faults=faults)
+        super().__init__(
+            **({"clock": clock} if clock else {}),
+            faults=faults,
+            rate_limit=rate_limit,
+            rate_window_s=rate_window_s,
+            retry_after_format=retry_after_format,
+        )
         self.tokens = tokens
         self.emisor = emisor
         self.max_docs = max_docs
         self.max_lote_bytes = max_lote_bytes
-        self.rate_limit = rate_limit
-        self.rate_window_s = rate_window_s
         self.processing_polls = processing_polls
         self.rejections: dict[str, tuple[int, str]] = {}
         self.stuck = False
         self.poll_errors = 0
         self.lotes: dict[str, dict[str, Any]] = {}
-        self.lote_times: list[float] = []
         self.approved: set[str] = set()
         self.duplicates = 0
         self.polls = 0
@@ -76,7 +87,7 @@ class SifenSim(LoopbackServer):
         return None
 
     async def _submit(self, request: web.Request) -> web.Response:
-        err = self._auth_error(request)
+        err = self._auth_error(request) or self.early(request.headers["token"], TOO_MANY)
         if err is not None:
             return err
         raw = await request.read()
@@ -97,15 +108,17 @@ class SifenSim(LoopbackServer):
         bad = [c for c in cdcs if not valid_cdc(c)]
         if bad:
             return self.answer(400, {"mensaje": f"CDC inválido {bad[0]}"}, violation="bad cdc")
+        throttled = self.over_rate(request.headers["token"], TOO_MANY)
+        if throttled is not None:
+            return throttled
         now = self.now()
-        if len([t for t in self.lote_times if t > now - self.rate_window_s]) >= self.rate_limit:
-            return self.answer(429, {"mensaje": "demasiados lotes"}, violation="lote rate")
 
         async def process() -> web.Response:
-            self.lote_times.append(now)
+            self.sent_times.append(now)
             self._n += 1
             lote = f"2026{self._n:014d}"
-            self.lotes[lote] = {"cdcs": cdcs, "polls": 0, "stuck": self.stuck}
+            verdicts = {c: self._verdict(c) for c in cdcs}
+            self.lotes[lote] = {"cdcs": cdcs, "polls": 0, "stuck": self.stuck, "v": verdicts}
             return self.answer(
                 200,
                 {
@@ -115,10 +128,20 @@ class SifenSim(LoopbackServer):
                 },
             )
 
-        return await self.with_faults(request, process)
+        return await self.with_faults(request, request.headers["token"], process)
+
+    def _verdict(self, cdc: str) -> tuple[int, str] | None:
+        """A document's verdict when its lote comes in: None (Aprobado) or a rejection."""
+        if cdc in self.rejections:
+            return self.rejections[cdc]
+        if cdc in self.approved:
+            self.duplicates += 1
+            return (SIFEN_DUPLICATE_CDC, "CDC duplicado")
+        self.approved.add(cdc)
+        return None
 
     async def _query(self, request: web.Request) -> web.Response:
-        err = self._auth_error(request)
+        err = self._auth_error(request) or self.early(request.headers["token"], TOO_MANY)
         if err is not None:
             return err
         self.polls += 1
@@ -144,8 +167,8 @@ class SifenSim(LoopbackServer):
                 results.append(
                     {"cdc": cdc, "estado": estado, "codigoError": None, "mensajeError": None}
                 )
-            elif cdc in self.rejections:
-                code, message = self.rejections[cdc]
+            elif lote["v"][cdc] is not None:
+                code, message = lote["v"][cdc]
                 results.append(
                     {
                         "cdc": cdc,
@@ -155,16 +178,10 @@ class SifenSim(LoopbackServer):
                     }
                 )
             else:
-                if not lote.get("counted"):
-                    if cdc in self.approved:
-                        self.duplicates += 1
-                    self.approved.add(cdc)
                 results.append(
                     {"cdc": cdc, "estado": "Aprobado", "codigoError": None, "mensajeError": None}
                 )
             self.estados_seen.add(results[-1]["estado"])
-        if final:
-            lote["counted"] = True
         return self.answer(
             200,
             {
@@ -178,7 +195,6 @@ class SifenSim(LoopbackServer):
 def main(argv: list[str] | None = None) -> int:
     """``python -m drivers.cloud.sifen_sim --port 8720`` (token ``sim-token``)."""
     import argparse
-    import asyncio
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8720)
@@ -187,22 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processing-polls", type=int, default=1)
     args = parser.parse_args(argv)
 
-    async def serve() -> None:
-        sim = SifenSim(
-            tokens={args.token}, emisor=args.emisor, processing_polls=args.processing_polls
-        )
-        await sim.start(args.port)
-        print(f"sifen simulator on {sim.url}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await sim.stop()
-
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
-    return 0
+    sim = SifenSim(tokens={args.token}, emisor=args.emisor, processing_polls=args.processing_polls)
+    return serve(sim, args.port, "sifen simulator")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,22 @@ Item classes (docs/sync.md, "Batch item states"):
 - ``failed``: may pass (a retriable rejection, an item the cloud failed, a timeout, the cloud
   unreachable): the item goes into a later batch, and that batch counts as retried.
 - ``pending``: the cloud is still working on it: poll again.
+- ``duplicate``: the cloud refused the document because it already has it (GoRoute
+  ``DUPLICATE_DOCUMENT``, SIFEN ``codigoError`` 1001 "CDC duplicado"). Resolved by
+  :func:`resolve_duplicate`: ``accepted`` when we may have sent it before (a submit whose
+  answer we never stored: a crash, a timeout, a dropped connection), else ``review``
+  (someone else sent a document under our number: a person must look).
+
+Retry-After (:func:`hold_ms`): after a 429 no request goes to that cloud before the time it
+names, read on our clock, never longer than a configured maximum (a bogus header must not
+stop the uplink for days); a 429 without a readable header holds for ``default_s``.
 
 Pure: time is an argument.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +39,14 @@ ACCEPTED = "accepted"
 REVIEW = "review"
 FAILED = "failed"
 PENDING = "pending"
+DUPLICATE = "duplicate"
+
+#: GoRoute's item error code for a document it already has (our assumption: seed 001 names
+#: no code for it; the simulator answers it with the first ``transaction_id``).
+GOROUTE_DUPLICATE = "DUPLICATE_DOCUMENT"
+#: SIFEN's rejection code for a CDC it already has ("CDC duplicado", SET's Manual Técnico;
+#: seed 002 lists no codes).
+SIFEN_DUPLICATE_CDC = 1001
 
 #: GoRoute error codes worth sending again unchanged (the others need a person).
 GOROUTE_RETRIABLE = frozenset(
@@ -48,6 +66,8 @@ def classify_goroute(status: str, error_code: str | None) -> str:
     """One GoRoute ``results[]`` item: ``status`` accepted / rejected / failed / pending.
     A rejection with a code we do not know needs review (never retried blindly)."""
     s = status.lower()
+    if s == "rejected" and error_code == GOROUTE_DUPLICATE:
+        return DUPLICATE
     if s in ("accepted", "delivered"):
         return ACCEPTED
     if s in ("pending", "processing", "queued"):
@@ -59,14 +79,28 @@ def classify_goroute(status: str, error_code: str | None) -> str:
     return REVIEW
 
 
-def classify_sifen(estado: str) -> str:
-    """One SIFEN ``resultados[]`` item by its ``estado``."""
+def classify_sifen(estado: str, codigo_error: object = None) -> str:
+    """One SIFEN ``resultados[]`` item by its ``estado`` (and ``codigoError``)."""
     e = estado.strip().lower()
     if e == "aprobado" or e == "aprobado con observación":
         return ACCEPTED
     if e == "rechazado":
-        return REVIEW
+        return DUPLICATE if str(codigo_error) == str(SIFEN_DUPLICATE_CDC) else REVIEW
     return PENDING  # "Procesando", "En Cola", anything new: keep polling
+
+
+def resolve_duplicate(sent_before: bool) -> str:
+    """A ``duplicate`` answer: ``accepted`` if an earlier submit of ours may have reached the
+    cloud, else ``review``."""
+    return ACCEPTED if sent_before else REVIEW
+
+
+def hold_ms(retry_after_s: float | None, *, default_s: float, max_s: float) -> int:
+    """How long (ms) to send nothing after a 429: its Retry-After in seconds (None: missing or
+    unreadable → ``default_s``), at most ``max_s``, rounded up to the millisecond."""
+    wait_s = default_s if retry_after_s is None else retry_after_s
+    # rounded to the microsecond first: 40.0 s must not become 40,001 ms through float noise
+    return math.ceil(round(min(max(wait_s, 0.0), max_s) * 1000, 3))
 
 
 def rate_wait_ms(sent_ms: Sequence[int], now_ms: int, *, limit: int, window_ms: int) -> int:

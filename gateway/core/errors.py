@@ -28,7 +28,7 @@
     │   │                       signing is never affected
     │   ├── CloudUnavailable        CLOUD_UNAVAILABLE     (connect error, timeout, dropped
     │   │                                                  connection, 5xx: goes offline)
-    │   ├── CloudBusy               CLOUD_BUSY            (409/429 outlasted its wait)
+    │   ├── CloudBusy               CLOUD_BUSY            (409/429; carries Retry-After)
     │   ├── CloudAuthFailed         CLOUD_AUTH_FAILED     (credentials refused)
     │   └── CloudRejected           CLOUD_REJECTED        (422/400/other 4xx: permanent,
     │                                                      not retryable)
@@ -164,7 +164,14 @@ class CloudUnavailable(CloudError):
 
 
 class CloudBusy(CloudError):
+    """409/429; ``retry_after`` is the answer's ``Retry-After`` header as sent (the caller
+    reads it on its own clock: ``gateway.core.sync_policy.retry_after_s``)."""
+
     code = "CLOUD_BUSY"
+
+    def __init__(self, message: str, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CloudAuthFailed(CloudError):

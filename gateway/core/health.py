@@ -39,6 +39,11 @@ def assess_health(status: dict[str, Any]) -> dict[str, Any]:
                 f"{p['processor']}: {p['needs_review']} item(s) set aside for review"
                 " (GET /v1/admin/sync/review; retry after correction)"
             )
+        if p.get("hold_until"):
+            amber.append(
+                f"{p['processor']}: the cloud asked to wait (429); nothing is sent before "
+                f"{p['hold_until']}"
+            )
     for p in status.get("offline", {}).get("processors", []):
         if p.get("state") not in (None, "online"):
             amber.append(f"{p['name']}: cloud {p['state']}")

@@ -134,9 +134,12 @@ def stats_json(
     rejected: int,
     failed: int,
     since_ms: int,
+    alerts_triggered: int | None = None,
 ) -> dict[str, object]:
-    """One element of ``stats[]`` of ``GET /v1/admin/batch-stats`` (seed 000)."""
-    return {
+    """One element of ``stats[]`` of ``GET /v1/admin/batch-stats`` (seed 000), plus our
+    ``alerts_triggered`` when given: how many of the runs summed raised the failure-rate
+    alert (the seed's stats have no alert field; its per-run results do)."""
+    out: dict[str, object] = {
         "processor": processor,
         "batches_created": batches_created,
         "batches_retried": batches_retried,
@@ -144,8 +147,11 @@ def stats_json(
         "rejected": rejected,
         "failed": failed,
         "failure_rate": round(failure_rate(accepted, rejected, failed), 3),
-        "since": format_since(since_ms),
     }
+    if alerts_triggered is not None:
+        out["alerts_triggered"] = alerts_triggered
+    out["since"] = format_since(since_ms)
+    return out
 
 
 def format_since(epoch_ms: int) -> str:

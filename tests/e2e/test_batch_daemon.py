@@ -94,6 +94,18 @@ async def test_batch_daemon_invoices_up_review_listed_stats_summed(
                 ("peppol/goroute", "till-1", 3)
             ]
             assert review[0]["error"] == "RECIPIENT_NOT_FOUND: no participant"
+
+            def rejected_events() -> list[tuple[str, str, int]]:
+                rows = d.query("SELECT chain, body FROM records WHERE type = 'INTENTION::EVENT'")
+                payloads = [(c, json.loads(b)["payload"]) for c, b in rows]
+                return [
+                    (c, p["processor"], p["seq"])
+                    for c, p in payloads
+                    if p.get("event") == "SYNC_REJECTED"
+                ]
+
+            await wait_for(lambda: bool(rejected_events()), 10, "SYNC_REJECTED recorded")
+            assert rejected_events() == [("till-1", "peppol/goroute", 3)]
             async with http.post(d.http_url + "/v1/admin/process-pending", headers=auth) as r:
                 assert r.status == 200
             async with http.get(d.http_url + "/v1/admin/batch-stats", headers=auth) as r:

@@ -57,6 +57,7 @@ async def test_batch_continue_on_error_mixed_ops_signs_valid_and_reports_invalid
     daemon: Any, make_sale_data: Any, journal_check: Any
 ) -> None:
     data = make_sale_data(630)
+    b = daemon.held_events()  # the chain opens with them: the first sale is seq b + 1
     result = await run(
         daemon,
         batch(
@@ -66,7 +67,7 @@ async def test_batch_continue_on_error_mixed_ops_signs_valid_and_reports_invalid
                 sign_op("r1", bad_amount(data)),
                 sign_op("r2", {**data, "total": 1.5}),
                 ref_op("cancel", "r3", 42),  # valid request, missing record: NOT_FOUND
-                ref_op("cancel", "r4", 1),
+                ref_op("cancel", "r4", b + 1),
                 sign_op("r5", make_sale_data(900)),
             ],
             continueOnError=True,
@@ -80,7 +81,7 @@ async def test_batch_continue_on_error_mixed_ops_signs_valid_and_reports_invalid
     assert "operations[2].data.total" in fields_of(r[2])
     assert {d["code"] for d in r[2]["error"]["details"]} >= {"FLOAT_NOT_ALLOWED"}
     assert r[3]["error"]["code"] == "NOT_FOUND"
-    assert [i["record"]["seq"] for i in (r[0], r[4], r[5])] == [1, 2, 3]
+    assert [i["record"]["seq"] for i in (r[0], r[4], r[5])] == [b + 1, b + 2, b + 3]
     assert r[4]["record"]["payload"]["ref"]["hash"] == r[0]["record"]["hash"]
     assert r[0]["record"]["request_id"] == "b1#r0"
     assert (result["status"], result["success"]) == ("completed_with_errors", False)
@@ -101,7 +102,11 @@ async def test_batch_continue_on_error_mixed_ops_signs_valid_and_reports_invalid
         daemon,
         batch(
             "b1",
-            [sign_op("r0", data), ref_op("cancel", "r4", 1), sign_op("r5", make_sale_data(900))],
+            [
+                sign_op("r0", data),
+                ref_op("cancel", "r4", b + 1),
+                sign_op("r5", make_sale_data(900)),
+            ],
             continueOnError=True,
         ),
     )
@@ -109,7 +114,7 @@ async def test_batch_continue_on_error_mixed_ops_signs_valid_and_reports_invalid
     assert [i["record"]["hash"] for i in again["results"]] == [
         i["record"]["hash"] for i in (r[0], r[4], r[5])
     ]
-    assert await daemon.head() == (3, r[5]["record"]["hash"])
+    assert await daemon.head() == (b + 3, r[5]["record"]["hash"])
     assert await daemon.stop() == 0
     journal_check(daemon.db_path, [i["record"] for i in (r[0], r[4], r[5])])
 
@@ -118,6 +123,7 @@ async def test_batch_stop_on_error_first_failure_skips_later_ops(
     daemon: Any, make_sale_data: Any
 ) -> None:
     data = make_sale_data(630)
+    b = daemon.held_events()
     # an invalid operation: the ones before it are signed, the rest skipped
     result = await run(
         daemon,
@@ -133,7 +139,7 @@ async def test_batch_stop_on_error_first_failure_skips_later_ops(
         ),
     )
     r = result["results"]
-    assert r[0]["success"] and r[0]["record"]["seq"] == 1
+    assert r[0]["success"] and r[0]["record"]["seq"] == b + 1
     assert fields_of(r[1]) == ["operations[1].data.lines[0].amount"]
     assert [i.get("skipped") for i in r[2:]] == [True, True]
     assert [i["error"]["code"] for i in r[2:]] == ["SKIPPED", "SKIPPED"]
@@ -149,11 +155,11 @@ async def test_batch_stop_on_error_first_failure_skips_later_ops(
         batch("b2", [sign_op("r0", data), ref_op("cancel", "r1", 77), sign_op("r2", data)]),
     )
     r = result["results"]
-    assert r[0]["record"]["seq"] == 2
+    assert r[0]["record"]["seq"] == b + 2
     assert r[1]["error"]["code"] == "NOT_FOUND"
     assert r[2]["skipped"] is True
     assert result["status"] == "completed_with_errors"
-    assert (await daemon.head())[0] == 2
+    assert (await daemon.head())[0] == b + 2
     assert daemon.query("SELECT count(*) FROM records WHERE request_id IN ('b1#r2', 'b2#r2')") == [
         (0,)
     ]
@@ -162,11 +168,13 @@ async def test_batch_stop_on_error_first_failure_skips_later_ops(
 async def test_batch_validate_only_signs_nothing_and_reports_missing_refs(
     daemon: Any, make_pos_sale: Any, make_sale_data: Any
 ) -> None:
+    b = daemon.held_events()
+    s1, s2 = b + 1, b + 2
     assert (await daemon.request(make_pos_sale("s1")))["ok"]
     assert (await daemon.request(make_pos_sale("s2")))["ok"]
     assert (
         await daemon.request(
-            {"id": "c2", "op": "cancel", "till": "till-1", "ref": {"chain": "till-1", "seq": 2}}
+            {"id": "c2", "op": "cancel", "till": "till-1", "ref": {"chain": "till-1", "seq": s2}}
         )
     )["ok"]
     before = daemon.query("SELECT count(*) FROM records")
@@ -179,9 +187,9 @@ async def test_batch_validate_only_signs_nothing_and_reports_missing_refs(
             [
                 sign_op("r0", data),
                 ref_op("cancel", "r1", 99),  # does not exist
-                ref_op("cancel", "r2", 1),  # exists, still cancellable
-                ref_op("cancel", "r3", 2),  # already cancelled
-                ref_op("reprint", "r4", 2),  # a cancelled sale can still be reprinted
+                ref_op("cancel", "r2", s1),  # exists, still cancellable
+                ref_op("cancel", "r3", s2),  # already cancelled
+                ref_op("reprint", "r4", s2),  # a cancelled sale can still be reprinted
                 sign_op("r5", bad_amount(data)),
             ],
             validateOnly=True,
@@ -207,6 +215,7 @@ async def test_batch_validate_only_signs_nothing_and_reports_missing_refs(
 async def test_batch_rollback_on_error_any_failure_leaves_no_trace_and_no_seq_gap(
     daemon: Any, make_pos_sale: Any, make_sale_data: Any, journal_check: Any
 ) -> None:
+    b = daemon.held_events()
     s1 = await daemon.request(make_pos_sale("s1"))
     data = make_sale_data(630)
     # invalid request in the batch: refused before the ledger sees anything
@@ -221,16 +230,16 @@ async def test_batch_rollback_on_error_any_failure_leaves_no_trace_and_no_seq_ga
     assert (result["status"], result["successfulRecords"]) == ("rolled_back", 0)
     assert fields_of(result["results"][2]) == ["operations[2].data.lines[0].amount"]
     assert all(not i["success"] for i in result["results"])
-    # failure found inside the ledger transaction (cancelling seq 1 twice): all undone
+    # failure found inside the ledger transaction (cancelling s1 twice): all undone
     result = await run(
         daemon,
         batch(
             "rb2",
             [
                 sign_op("r0", data),
-                ref_op("cancel", "r1", 1),
+                ref_op("cancel", "r1", b + 1),
                 sign_op("r2", data),
-                ref_op("cancel", "r3", 1),
+                ref_op("cancel", "r3", b + 1),
                 sign_op("r4", data),
             ],
             rollbackOnError=True,
@@ -240,23 +249,23 @@ async def test_batch_rollback_on_error_any_failure_leaves_no_trace_and_no_seq_ga
     assert {i["error"]["code"] for i in result["results"]} == {"CONFLICT"}
     assert daemon.query("SELECT count(*) FROM records WHERE request_id LIKE 'rb%'") == [(0,)]
     assert daemon.query("SELECT count(*) FROM claims") == [(0,)]
-    assert await daemon.head() == (1, s1["record"]["hash"])
+    assert await daemon.head() == (b + 1, s1["record"]["hash"])
 
-    # no seq was consumed: the next sale is seq 2 and links to seq 1
+    # no seq was consumed: the next sale follows s1 and links to it
     s2 = (await daemon.request(make_pos_sale("s2")))["record"]
-    assert (s2["seq"], s2["prev_hash"]) == (2, s1["record"]["hash"])
+    assert (s2["seq"], s2["prev_hash"]) == (b + 2, s1["record"]["hash"])
     # an all-valid atomic batch signs everything, contiguously
     result = await run(
         daemon,
         batch(
             "rb3",
-            [sign_op("r0", data), ref_op("cancel", "r1", 1), sign_op("r2", data)],
+            [sign_op("r0", data), ref_op("cancel", "r1", b + 1), sign_op("r2", data)],
             rollbackOnError=True,
         ),
     )
     assert result["status"] == "completed"
     recs = [i["record"] for i in result["results"]]
-    assert [r["seq"] for r in recs] == [3, 4, 5]
+    assert [r["seq"] for r in recs] == [b + 3, b + 4, b + 5]
     assert await daemon.stop() == 0
     journal_check(daemon.db_path, [s1["record"], s2, *recs])
 
@@ -265,6 +274,7 @@ async def test_batch_async_300_ops_job_reports_progress_then_results(
     daemon: Any, make_sale_data: Any, journal_check: Any
 ) -> None:
     n = 300
+    b = daemon.held_events()
     ops = [sign_op(f"r{i}", make_sale_data(200 + i)) for i in range(n)]
     request = batch("a1", ops, continueOnError=True, **{"async": True})
     async with await daemon.connect() as client:
@@ -312,7 +322,7 @@ async def test_batch_async_300_ops_job_reports_progress_then_results(
     result = job["batch"]
     assert (result["status"], result["successfulRecords"]) == ("completed", n)
     recs = [i["record"] for i in result["results"]]
-    assert [r["seq"] for r in recs] == list(range(1, n + 1))
+    assert [r["seq"] for r in recs] == list(range(b + 1, b + n + 1))
     assert [r["request_id"] for r in recs] == [f"a1#r{i}" for i in range(n)]
     assert await daemon.stop() == 0
     journal_check(daemon.db_path, recs)

@@ -27,7 +27,16 @@ Daemon = Any  # tests/e2e/conftest.py's Daemon
 StartDaemon = Callable[..., Awaitable[Any]]
 
 
-def sync_config(tmp: Path, sim: FiskalySim, sync: str = "", token: str | None = None) -> str:
+def sync_config(
+    tmp: Path,
+    sim: FiskalySim,
+    sync: str = "",
+    token: str | None = None,
+    *,
+    probe_s: tuple[float, float] = (0.02, 0.2),
+) -> str:
+    """``probe_s``: the offline probe's first and longest delay (large: only the admin API
+    moves an offline uplink, so a test's steps are certain, not raced by the probe loop)."""
     key, secret = tmp / "fiskaly.key", tmp / "fiskaly.secret"
     key.write_text(API_KEY + "\n")
     secret.write_text(API_SECRET + "\n")
@@ -54,8 +63,8 @@ retry_attempts = 4
 retry_min_s = 0.002
 retry_max_s = 0.05
 busy_max_wait_s = 5.0
-probe_min_s = 0.02
-probe_max_s = 0.2
+probe_min_s = {probe_s[0]}
+probe_max_s = {probe_s[1]}
 [sync]
 flush_interval_s = 0.1
 {sync}
@@ -108,25 +117,47 @@ async def test_sync_daemon_killed_twice_mid_replay_20pct_faults_exactly_once(
             await wait_until(lambda t=threshold: len(sim.final_seqs("till-1")) >= t, 120)
             await d.kill()
             await d.start()
-        await wait_until(lambda: _caught_up(d), 180, "the replay to finish")
-        records = journal(d)
+        await wait_until(lambda: _settled(d, sim), 180, "the replay finished, all upstream")
+        # what is upstream (a record signed since, e.g. a burst of repeated events at the end
+        # of its window, is checked by the simulator's rules when it goes up)
+        last_up = sim.final_seqs("till-1")[-1]
+        records = [r for r in journal(d) if r.seq <= last_up]
         assert len(records) >= 5000 and all(r.offline for r in records[:5000])
         check_upstream(sim, records, exact_remaining=False)
         assert sim.duplicates == 0 and sim.violations == []
         assert sim.replayed_answers > 0  # resent after the kills: answered from the cache
         assert set(sim.faults_injected) >= {"refuse", "error500", "stall", "drop_after"}
-        budget = (await uplink(d))["budget"]
-        assert budget["pending_records"] == 0 and budget["remaining_records"] == 9999
-        assert (await uplink(d))["uplink"] == "online"
+        await wait_until(lambda: _full_budget(d), 60, "the budget full again, online")
+
+
+async def _full_budget(d: Daemon) -> bool:
+    u = await uplink(d)
+    b = u["budget"]
+    return (u["uplink"], b["pending_records"], b["remaining_records"]) == ("online", 0, 9999)
+
+
+async def _events(d: Daemon, code: str) -> bool:
+    return any(r.type == "INTENTION::EVENT" and r.payload["event"] == code for r in journal(d))
 
 
 async def _state(d: Daemon, state: str) -> bool:
     return (await uplink(d))["uplink"] == state
 
 
-async def _caught_up(d: Daemon) -> bool:
+async def _settled(d: Daemon, sim: FiskalySim) -> bool:
+    """Durable facts: every record of the chain up to its head is accepted upstream, nothing
+    was signed meanwhile, and the daemon has nothing pending. (An event the end of the replay
+    causes, UPLINK_ONLINE or a burst of repeated events at the end of its window, may be
+    signed just after: the caller checks what is upstream and waits for the budget.) Cheap
+    on purpose: the simulator runs on this test's event loop, and reading the whole journal
+    every 20 ms kept its listener from reopening after a refused-connection fault."""
     u = await uplink(d)
-    return u["uplink"] == "online" and u["budget"]["pending_records"] == 0
+    if u["uplink"] != "online" or u["budget"]["pending_records"] != 0:
+        return False
+    head = (await d.head())[0]
+    if sim.final_seqs("till-1") != list(range(1, head + 1)):
+        return False
+    return (await d.head())[0] == head
 
 
 async def test_sync_daemon_budget_warning_block_policy_and_admin_api(
@@ -134,29 +165,49 @@ async def test_sync_daemon_budget_warning_block_policy_and_admin_api(
 ) -> None:
     token = secrets.token_hex(16)
     policy = (
-        "max_pending_records = 5\nwarn_pending_records = 3\n"
+        "max_pending_records = 12\nwarn_pending_records = 8\n"
         'max_offline_age_s = 3600.0\nwarn_offline_age_s = 600.0\noffline_policy = "block"'
     )
+    # probes 60 s apart: after the start-up probe failed only the admin API reaches the cloud
     async with make_sim() as sim:
         await sim.down()
-        d = await start_daemon(sync_config(tmp_path, sim, policy, token))
+        d = await start_daemon(sync_config(tmp_path, sim, policy, token, probe_s=(60.0, 60.0)))
         await wait_until(lambda: _state(d, "offline"), 20, "the uplink offline")
+        # Sales one at a time until the chain is full. The chain also takes event records
+        # (START and the like, UPLINK_OFFLINE, OFFLINE_WARNING): each reply's budget must
+        # agree with its own pending count, and the warning event must be written before
+        # the next sale (so it is certain to fit)
         levels = []
-        for i in range(5):
+        for i in range(13):
             reply = await d.request(make_pos_sale(f"s{i}"))
-            assert reply["ok"] and reply["record"]["offline"], reply
-            levels.append(
-                (reply["offline_budget"]["level"], reply["offline_budget"]["remaining_records"])
-            )
-        assert levels == [("ok", 4), ("ok", 3), ("warning", 2), ("warning", 1), ("hard", 0)]
-        assert reply["offline_budget"]["blocked"] is True
-        # the sixth sale is refused, over the socket and over HTTP, and nothing is signed
-        refused = await d.request(make_pos_sale("s5"))
+            if not reply["ok"]:
+                break
+            assert reply["record"]["offline"], reply
+            b = reply["offline_budget"]
+            expected = "hard" if b["pending_records"] >= 12 else "ok"
+            if 8 <= b["pending_records"] < 12:
+                expected = "warning"
+            assert (b["level"], b["remaining_records"]) == (expected, 12 - b["pending_records"])
+            levels.append(b["level"])
+            if b["level"] == "warning":
+                await wait_until(lambda: _events(d, "OFFLINE_WARNING"), 20, "OFFLINE_WARNING")
+        assert (
+            levels[-1] == "hard"
+            and "warning" in levels
+            and levels == sorted(levels, key=("ok", "warning", "hard").index)
+        )
+        assert b["blocked"] is True
+        # the next sale is refused, over the socket and over HTTP, and nothing is signed
+        refused = reply
         assert refused["error"]["code"] == "OFFLINE_LIMIT_REACHED", refused
-        assert "max_pending_records = 5" in refused["error"]["message"]
-        status, body = await d.http_post(make_pos_sale("s6"))
+        assert "max_pending_records = 12" in refused["error"]["message"]
+        status, body = await d.http_post(make_pos_sale("s-http"))
         assert status == 503 and body["error"]["code"] == "OFFLINE_LIMIT_REACHED"
-        assert (await d.head())[0] == 5
+        head = (await d.head())[0]
+        assert head == 12
+        codes = [r.payload["event"] for r in journal(d) if r.type == "INTENTION::EVENT"]
+        assert "UPLINK_OFFLINE" in codes and "OFFLINE_WARNING" in codes
+        assert "OFFLINE_LIMIT" not in codes  # reached, but a full chain takes no record
         st = await d.status()
         assert st["offline"]["processors"][0]["limit"] == "hard"
 
@@ -177,15 +228,17 @@ async def test_sync_daemon_budget_warning_block_policy_and_admin_api(
             async with http.post(url + "/v1/admin/process-pending", headers=auth) as r:
                 assert r.status == 200, await r.text()
                 (res,) = (await r.json())["results"]
-                assert (res["accepted"], res["failed"], res["rejected"]) == (5, 0, 0)
+                assert (res["accepted"], res["failed"], res["rejected"]) == (head, 0, 0)
             async with http.get(url + "/v1/admin/batch-stats", headers=auth) as r:
                 assert r.status == 200
                 (stats,) = (await r.json())["stats"]
-                assert stats["accepted"] == 5 and stats["since"].endswith("Z")
-        await wait_until(lambda: _caught_up(d), 20, "caught up")
-        reply = await d.request(make_pos_sale("s7"))
+                assert stats["accepted"] == head and stats["since"].endswith("Z")
+        # the replay is over when UPLINK_ONLINE is written (after the last offline record)
+        await wait_until(lambda: _events(d, "UPLINK_ONLINE"), 20, "UPLINK_ONLINE")
+        reply = await d.request(make_pos_sale("s-online"))
         assert reply["ok"] and not reply["record"]["offline"]
         assert reply["offline_budget"]["level"] == "ok"
-        await wait_until(lambda: _caught_up(d), 20, "the online sale sent")
-        check_upstream(sim, journal(d))
+        seq = reply["record"]["seq"]
+        await wait_until(lambda: sim.final_seqs("till-1")[-1:] == [seq], 20, "the online sale")
+        check_upstream(sim, [r for r in journal(d) if r.seq <= seq])
         assert (await d.status())["sync"]["health"] == "green"

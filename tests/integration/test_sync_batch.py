@@ -20,6 +20,7 @@ from batch_support import (
     invoice_request,
 )
 
+from drivers.cloud.fiskaly_sim import FaultPlan
 from drivers.cloud.goroute_sim import GoRouteSim
 from drivers.cloud.sifen import cdc_of
 from drivers.cloud.sifen_sim import SifenSim
@@ -88,7 +89,7 @@ async def test_goroute_1050_invoices_11_batches_never_over_10_per_minute(
         results = await gw.engine.process_pending()
         assert [r.batches_created for r in results] == [1]
         assert results[0].accepted == 50 and results[0].succeeded
-        assert len(sim.batch_times) == 11 and sim.max_in_window() <= 10
+        assert len(sim.sent_times) == 11 and sim.max_in_window() <= 10
         assert sim.violations == [] and sim.duplicates == 0
         assert await gw.states(GR) == {"done": 1050}
         refs = await gw.refs(GR)
@@ -143,11 +144,25 @@ async def test_goroute_mixed_results_classified_accepted_review_failed(
         row = next(p for p in status["sync"]["processors"] if p["processor"] == GR)
         assert row["needs_review"] == 2 and status["sync"]["health"] == "red"
         assert [r["seq"] for r in row["review"]] == [recs[1].seq, recs[2].seq]
+        # 4 of 6 did not get through, above the 0.5 threshold: the alert, as fiskaly's
+        assert run.alert_triggered and row["alert"] and run.result_json()["alert_triggered"]
+        alerts = await gw.events("SYNC_ALERT")
+        assert [(a["chain"], a["processor"], a["failure_rate"], a["items"]) for a in alerts] == [
+            ("till-1", GR, "0.667", 6)
+        ]
+        rejected = await gw.events("SYNC_REJECTED")
+        assert [(e["processor"], e["seq"], e["error"]) for e in rejected] == [
+            (GR, recs[1].seq, "VALIDATION_ERROR: Missing BuyerReference"),
+            (GR, recs[2].seq, "RECIPIENT_NOT_FOUND: no such participant"),
+        ]
         # the failed ones go into a later batch, counted as retried
         del sim.outcomes[ids[3]]
         clock.advance(1)
         again = await gw.processor(GR).run_once("admin")
         assert (again.accepted, again.batches_created, again.batches_retried) == (2, 1, 1)
+        # a run with items below the threshold ends the episode; no second SYNC_ALERT
+        assert not again.alert_triggered and not gw.processor(GR).alerting
+        assert len(await gw.events("SYNC_ALERT")) == 1
         # a reviewed item is sent again after correction, when asked
         del sim.outcomes[ids[1]]
         assert await gw.processor(GR).retry(recs[1].chain, recs[1].seq)
@@ -158,6 +173,48 @@ async def test_goroute_mixed_results_classified_accepted_review_failed(
         stats = {s["processor"]: s for s in await gw.engine.batch_stats()}
         assert stats[GR]["batches_retried"] == 2 and stats[GR]["rejected"] == 2
         assert sim.duplicates == 0 and sim.violations == []
+
+
+async def test_goroute_failure_rate_alert_red_status_event_and_batch_stats(
+    db_path: Path, signer: SoftwareSigner
+) -> None:
+    """Items that fail (retriable: nothing for review) above the threshold raise the alert
+    like fiskaly's: SYNC_ALERT in each chain of the run, once per episode, red status,
+    ``alert_triggered`` in the result and counted in batch-stats; a good run ends it."""
+    clock = FakeClock()
+    async with (
+        GoRouteSim(api_keys={API_KEY}, clock=clock.now_s) as sim,
+        batch_gateway(db_path, signer, clock=clock, goroute_url=sim.url) as gw,
+    ):
+        recs = await gw.sign(
+            [invoice_request(f"a{i}") for i in range(2)]
+            + [invoice_request(f"b{i}", till="till-2") for i in range(2)]
+        )
+        for r in recs[1:]:
+            sim.outcomes[f"{r.chain}:{r.seq}"] = ("failed", "DELIVERY_FAILED", "AP down")
+        proc = gw.processor(GR)
+        run = await proc.run_once("admin")
+        assert (run.accepted, run.failed, run.alert_triggered) == (1, 3, True)
+        status = await gw.engine.status()
+        row = next(p for p in status["sync"]["processors"] if p["processor"] == GR)
+        assert row["alert"] and row["needs_review"] == 0 and status["sync"]["health"] == "red"
+        alerts = await gw.events("SYNC_ALERT")
+        assert sorted((a["chain"], a["failure_rate"], a["failed"]) for a in alerts) == [
+            ("till-1", "0.750", 3),
+            ("till-2", "0.750", 3),
+        ]
+        # still failing: the same episode, no new records
+        for r in recs[1:]:
+            sim.outcomes[f"{r.chain}:{r.seq}"] = ("failed", "DELIVERY_FAILED", "AP down")
+        clock.advance(1)
+        assert (await proc.run_once("admin")).alert_triggered
+        assert len(await gw.events("SYNC_ALERT")) == 2
+        clock.advance(1)
+        good = await proc.run_once("admin")
+        assert (good.accepted, good.alert_triggered) == (3, False) and not proc.alerting
+        assert (await gw.engine.status())["sync"]["health"] == "green"
+        stats = {s["processor"]: s for s in await gw.engine.batch_stats()}
+        assert stats[GR]["alerts_triggered"] == 2 and stats[GR]["failed"] == 6
 
 
 async def test_goroute_async_batches_polled_to_completion(
@@ -174,6 +231,28 @@ async def test_goroute_async_batches_polled_to_completion(
         assert (run.batches_created, run.accepted, run.rejected) == (3, 249, 1)
         assert sim.polls >= 3 * 4
         assert await gw.states(GR) == {"done": 249, "review": 1}
+
+
+async def test_goroute_batches_cut_by_bytes_within_the_simulators_byte_limit(
+    db_path: Path, signer: SoftwareSigner
+) -> None:
+    """With a byte limit that a handful of invoices fill, batches are cut by bytes (not by the
+    100-document count) and the strict simulator, holding the same limit, refuses none."""
+    clock = FakeClock()
+    limits = Limits(max_docs=100, max_batch_bytes=40_000, max_doc_bytes=20_000)
+    async with (
+        GoRouteSim(
+            api_keys={API_KEY}, clock=clock.now_s, max_batch_bytes=40_000, max_doc_bytes=20_000
+        ) as sim,
+        batch_gateway(
+            db_path, signer, clock=clock, goroute_url=sim.url, goroute_overrides={"limits": limits}
+        ) as gw,
+    ):
+        await gw.sign([invoice_request(f"inv{i}") for i in range(40)])
+        run = await gw.processor(GR).run_once("admin")
+        assert run.accepted == 40 and run.batches_created > 1
+        assert max(len(b["results"]) for b in sim.batches.values()) < 40
+        assert sim.violations == [] and sim.statuses[413] == 0
 
 
 async def test_goroute_oversize_and_endpointless_refused_locally_nothing_sent(
@@ -210,34 +289,157 @@ async def test_goroute_oversize_and_endpointless_refused_locally_nothing_sent(
             goroute_overrides={"limits": limits},
         ) as gw:
             await gw.sign([invoice_request("big2")])
-            sent_before = len(sim.batch_times)
+            sent_before = len(sim.sent_times)
             run = await gw.processor(GR).run_once("admin")
             assert run.rejected == 1 and run.batches_created == 0
-            assert len(sim.batch_times) == sent_before
+            assert len(sim.sent_times) == sent_before
             review = await gw.processor(GR).review()
             assert any("over the 1000-byte limit" in r["error"] for r in review)
 
 
-async def test_goroute_submit_500_then_429_items_stay_pending_no_duplicate(
+async def test_goroute_submit_500_429_dropped_answer_resend_reconciled_not_reviewed(
     db_path: Path, signer: SoftwareSigner
 ) -> None:
-    from drivers.cloud.fiskaly_sim import FaultPlan
-
     clock = FakeClock()
     plan = FaultPlan(script=["error500", "throttle", "drop_after"], retry_after_s=0)
     async with (
         GoRouteSim(api_keys={API_KEY}, clock=clock.now_s, faults=plan) as sim,
         batch_gateway(db_path, signer, clock=clock, goroute_url=sim.url) as gw,
     ):
-        await gw.sign([invoice_request(f"inv{i}") for i in range(5)])
-        for _ in range(3):
-            run = await gw.processor(GR).run_once("admin")
-            assert run.failed == 5 and run.run_error is not None
+        recs = await gw.sign([invoice_request(f"inv{i}") for i in range(5)])
+        run = await gw.processor(GR).run_once("admin")  # 500: nothing taken, items failed
+        assert (run.failed, run.batches_created) == (5, 1) and run.run_error is not None
+        run = await gw.processor(GR).run_once("admin")  # 429: not taken, nothing failed
+        assert (run.failed, run.batches_created) == (0, 0)
+        assert run.run_error is not None and "429" in run.run_error
+        run = await gw.processor(GR).run_once("admin")  # taken, but the answer is lost
+        assert run.failed == 5 and run.run_error is not None
         assert await gw.states(GR) == {"pending": 5}
         run = await gw.processor(GR).run_once("admin")
-        assert run.accepted == 5 and run.batches_retried == 1
-        # the dropped answer's batch had gone through: the cloud saw each id twice
-        assert sim.duplicates == 5
+        # the resend is answered DUPLICATE_DOCUMENT per item: the cloud has them, and they
+        # had been sent before, so they are accepted under the first transaction ids
+        assert (run.accepted, run.rejected, run.batches_retried) == (5, 0, 1)
+        assert await gw.states(GR) == {"done": 5}
+        refs = await gw.refs(GR)
+        assert [refs[(r.chain, r.seq)] for r in recs] == [
+            sim.accepted[f"{r.chain}:{r.seq}"] for r in recs
+        ]
+        assert sim.duplicates == 5 and len(set(sim.accepted.values())) == 5
+        assert sim.violations == [] and sim.early_requests == 0
+
+
+async def test_goroute_duplicate_of_a_document_never_sent_goes_to_review(
+    db_path: Path, signer: SoftwareSigner
+) -> None:
+    """A duplicate answer for a document this gateway never sent means someone else used the
+    invoice number: not "already accepted", a person must look."""
+    clock = FakeClock()
+    async with (
+        GoRouteSim(api_keys={API_KEY}, clock=clock.now_s) as sim,
+        batch_gateway(db_path, signer, clock=clock, goroute_url=sim.url) as gw,
+    ):
+        recs = await gw.sign([invoice_request(f"inv{i}") for i in range(2)])
+        sim.invoices[f"{recs[1].chain}-{recs[1].number}"] = "txn_elsewhere"
+        run = await gw.processor(GR).run_once("admin")
+        assert (run.accepted, run.rejected) == (1, 1)
+        review = await gw.processor(GR).review()
+        assert [r["seq"] for r in review] == [recs[1].seq]
+        assert review[0]["error"].startswith("DUPLICATE_DOCUMENT:")
+        rejected = await gw.events("SYNC_REJECTED")
+        assert [(e["chain"], e["processor"], e["seq"]) for e in rejected] == [
+            (recs[1].chain, GR, recs[1].seq)
+        ]
+        # sent again by a technician, still someone else's: review again, never "accepted"
+        assert await gw.processor(GR).retry(recs[1].chain, recs[1].seq)
+        clock.advance(1)
+        again = await gw.processor(GR).run_once("admin")
+        assert (again.accepted, again.rejected, again.batches_retried) == (0, 1, 1)
+        assert await gw.states(GR) == {"done": 1, "review": 1}
+        assert len(await gw.events("SYNC_REJECTED")) == 2
+
+
+@pytest.mark.parametrize("retry_after_format", ["seconds", "date"])
+async def test_goroute_429_retry_after_held_for_submits_and_polls_across_restart(
+    retry_after_format: str, db_path: Path, signer: SoftwareSigner
+) -> None:
+    """Another client of the account spent 8 of its 10 batches a minute: the third batch is
+    answered 429 + Retry-After. Nothing — no submit, no poll of the open async batches —
+    goes before it has passed, also after a restart; then everything completes."""
+    clock = FakeClock()
+    clock.ms -= clock.ms % 1000  # a whole second: an HTTP date then names the exact end
+    async with GoRouteSim(
+        api_keys={API_KEY}, clock=clock.now_s, async_polls=1, retry_after_format=retry_after_format
+    ) as sim:
+        kw = {"clock": clock, "goroute_url": sim.url, "goroute_async": True}
+        async with batch_gateway(db_path, signer, **kw) as gw:  # type: ignore[arg-type]
+            await gw.sign([invoice_request(f"inv{i}") for i in range(300)])
+            clock.advance(1)
+            sim.spend_quota(8)
+            clock.advance(20)
+            run = await gw.processor(GR).run_once("admin")
+            assert run.batches_created == 2 and run.accepted == 0
+            assert run.run_error is not None and "429" in run.run_error
+            assert sim.statuses[429] == 1 and sim.polls == 0
+            proc = gw.processor(GR)
+            # the foreign batches leave the window 60 s after they were sent, 40 s from now
+            assert proc.hold_until_ms == clock.ms + 40_000
+            assert proc.status()["hold_until"] is not None
+            clock.advance(20)
+            again = await proc.run_once("admin")
+            assert again.batches_created == 0 and sim.polls == 0
+        requests_before = sum(sim.statuses.values())
+        clock.advance(10)  # restarted 10 s before the hold ends: it is still held
+        async with batch_gateway(db_path, signer, **kw) as gw:  # type: ignore[arg-type]
+            run = await gw.processor(GR).run_once("admin")
+            assert run.batches_created == 0 and sum(sim.statuses.values()) == requests_before
+            clock.advance(10)
+            run = await gw.processor(GR).run_once("admin")
+            assert run.batches_created == 1 and run.accepted == 300 and run.succeeded
+            assert await gw.states(GR) == {"done": 300}
+            assert gw.processor(GR).status()["hold_until"] is None
+        assert sim.early_requests == 0 and sim.violations == []
+        assert sim.statuses[429] == 1 and sim.max_in_window() <= 10
+
+
+async def test_goroute_retry_after_over_the_maximum_is_cut_to_it(
+    db_path: Path, signer: SoftwareSigner
+) -> None:
+    clock = FakeClock()
+    plan = FaultPlan(script=["throttle"], retry_after_s=86_400)
+    settings = BatchSettings(poll_interval_s=0.01, retry_after_max_s=120.0)
+    async with (
+        GoRouteSim(api_keys={API_KEY}, clock=clock.now_s, faults=plan) as sim,
+        batch_gateway(db_path, signer, clock=clock, goroute_url=sim.url, settings=settings) as gw,
+    ):
+        await gw.sign([invoice_request("inv0")])
+        run = await gw.processor(GR).run_once("admin")
+        assert run.batches_created == 0 and run.failed == 0
+        assert gw.processor(GR).hold_until_ms == clock.ms + 120_000
+        clock.advance(119.999)
+        assert (await gw.processor(GR).run_once("admin")).batches_created == 0
+        assert sum(sim.statuses.values()) == 1
+
+
+async def test_sifen_429_over_the_lote_rate_retry_after_honoured(
+    db_path: Path, signer: SoftwareSigner
+) -> None:
+    clock = FakeClock()
+    async with (
+        SifenSim(tokens={SIFEN_TOKEN}, emisor=RUC, clock=clock.now_s, rate_limit=10) as sim,
+        batch_gateway(db_path, signer, clock=clock, sifen_url=sim.url) as gw,
+    ):
+        await gw.sign([invoice_request(f"inv{i}") for i in range(3)])
+        sim.spend_quota(10)
+        clock.advance(15)
+        run = await gw.processor(SF).run_once("admin")
+        assert run.batches_created == 0 and run.run_error is not None
+        assert gw.processor(SF).hold_until_ms == clock.ms + 45_000
+        clock.advance(44.999)
+        assert (await gw.processor(SF).run_once("admin")).batches_created == 0
+        clock.advance(0.001)
+        run = await gw.processor(SF).run_once("admin")
+        assert (run.batches_created, run.accepted) == (1, 3)
+        assert sim.early_requests == 0 and sim.violations == [] and sim.statuses[429] == 1
 
 
 # ---------------------------------------------------------------------- SIFEN
@@ -259,7 +461,10 @@ async def test_sifen_lote_en_cola_procesando_then_aprobado_rechazado(
         assert (run[0].batches_created, run[0].accepted, run[0].rejected) == (2, 59, 1)
         assert {"En Cola", "Procesando", "Aprobado", "Rechazado"} <= sim.estados_seen
         review = await gw.processor(SF).review()
+        # 1001 for a CDC this gateway never sent before: someone else's, so needs review
         assert review[0]["error"] == "1001: CDC duplicado"
+        rejected = await gw.events("SYNC_REJECTED")
+        assert [(e["processor"], e["seq"]) for e in rejected] == [(SF, recs[3].seq)]
         refs = await gw.refs(SF)
         assert refs[(recs[0].chain, recs[0].seq)] == cdcs[0]
         assert sim.violations == [] and sim.duplicates == 0
@@ -309,6 +514,9 @@ async def test_sifen_lote_timeout_items_failed_then_retried_in_new_lote(
         again = await proc.run_once("admin")
         assert (again.accepted, again.batches_retried) == (4, 1)
         assert len(sim.lotes) == 2
+        # SIFEN had processed the first lote after all: the second one's CDCs are answered
+        # 1001 "CDC duplicado", and since the first lote's fate was unknown, that is accepted
+        assert sim.duplicates == 4 and await gw.states(SF) == {"done": 4}
 
 
 async def test_sifen_over_limit_docs_split_into_lotes_of_50(

@@ -500,6 +500,7 @@ async def test_admin_batch_stats_cover_last_24_hours_only(
             "rejected",
             "failed",
             "failure_rate",
+            "alerts_triggered",  # our addition to the seed's fields (docs/sync.md)
             "since",
         ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gateway.core.batch_policy import (
     ACCEPTED,
+    DUPLICATE,
     FAILED,
     PENDING,
     REVIEW,
@@ -12,9 +13,12 @@ from gateway.core.batch_policy import (
     classify_sifen,
     cut_batches,
     doc_refusal,
+    hold_ms,
     rate_keep,
     rate_wait_ms,
+    resolve_duplicate,
 )
+from gateway.core.sync_policy import retry_after_s
 
 W = 60_000
 
@@ -81,3 +85,29 @@ def test_classify_sifen_estados() -> None:
     assert classify_sifen("Rechazado") == REVIEW
     assert classify_sifen("Procesando") == PENDING
     assert classify_sifen("En Cola") == PENDING
+
+
+def test_classify_duplicates_goroute_code_and_sifen_1001() -> None:
+    assert classify_goroute("rejected", "DUPLICATE_DOCUMENT") == DUPLICATE
+    assert classify_sifen("Rechazado", 1001) == DUPLICATE
+    assert classify_sifen("Rechazado", "1001") == DUPLICATE
+    assert classify_sifen("Rechazado", 3001) == REVIEW
+    assert classify_sifen("Aprobado", None) == ACCEPTED
+
+
+def test_resolve_duplicate_accepted_only_if_sent_before() -> None:
+    assert resolve_duplicate(True) == ACCEPTED
+    assert resolve_duplicate(False) == REVIEW
+
+
+def test_hold_retry_after_seconds_and_date_bounded_by_maximum() -> None:
+    now_ms = 1_763_778_000_000  # 2025-11-22T02:20:00Z
+    assert hold_ms(retry_after_s("40", now_ms), default_s=60, max_s=300) == 40_000
+    date = "Sat, 22 Nov 2025 02:20:40 GMT"
+    assert hold_ms(retry_after_s(date, now_ms + 500), default_s=60, max_s=300) == 39_500
+    assert hold_ms(retry_after_s("86400", now_ms), default_s=60, max_s=300) == 300_000
+    # missing or unreadable: the default; a date in the past: no hold
+    assert hold_ms(retry_after_s(None, now_ms), default_s=60, max_s=300) == 60_000
+    assert hold_ms(retry_after_s("soon", now_ms), default_s=60, max_s=300) == 60_000
+    past = "Sat, 22 Nov 2025 02:19:00 GMT"
+    assert hold_ms(retry_after_s(past, now_ms), default_s=60, max_s=300) == 0

@@ -75,3 +75,13 @@ def test_health_batch_items_set_aside_for_review_is_red() -> None:
     h = assess_health(status)
     assert h["level"] == "red"
     assert h["reasons"][0].startswith("peppol/goroute: 2 item(s) set aside for review")
+
+
+def test_health_batch_processor_held_by_a_429_is_amber_with_its_end() -> None:
+    held = {"processor": "peppol/goroute", "hold_until": "2026-11-22T02:21:00.000Z"}
+    h = assess_health(with_(sync={"processors": [held]}))
+    assert h["level"] == "amber"
+    assert h["reasons"] == [
+        "peppol/goroute: the cloud asked to wait (429); nothing is sent before "
+        "2026-11-22T02:21:00.000Z"
+    ]

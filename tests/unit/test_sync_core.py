@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.core.events import budget_event, uplink_event
 from gateway.core.offline_budget import PROTOCOL_MAX_PENDING, BudgetLimits, assess, worst
 from gateway.core.replay import (
     IDEMPOTENCY_KEY_RE,
@@ -176,6 +177,27 @@ def test_uplink_failures_grow_probe_delay() -> None:
         u = fail(u, 0, rand=1.0)
         delays.append(u.next_probe_ms)
     assert delays == [1000, 2000, 4000, 8000, 8000, 8000]
+
+
+def test_uplink_event_for_each_transition() -> None:
+    assert uplink_event(ONLINE, OFFLINE) == "UPLINK_OFFLINE"
+    assert uplink_event(REPLAYING, OFFLINE) == "UPLINK_OFFLINE"
+    assert uplink_event(OFFLINE, OFFLINE) is None
+    assert uplink_event(OFFLINE, REPLAYING) is None
+    assert uplink_event(REPLAYING, ONLINE) == "UPLINK_ONLINE"
+    assert uplink_event(OFFLINE, ONLINE) == "UPLINK_ONLINE"
+    assert uplink_event(ONLINE, ONLINE) is None
+    assert uplink_event(ONLINE, STOPPED) is None
+    assert uplink_event(STOPPED, OFFLINE) == "UPLINK_OFFLINE"
+
+
+def test_budget_event_only_when_a_worse_level_is_reached() -> None:
+    assert budget_event("ok", "warning") == "OFFLINE_WARNING"
+    assert budget_event("ok", "hard") == "OFFLINE_LIMIT"
+    assert budget_event("warning", "hard") == "OFFLINE_LIMIT"
+    assert budget_event("warning", "warning") is None
+    assert budget_event("hard", "warning") is None
+    assert budget_event("hard", "ok") is None
 
 
 @given(
