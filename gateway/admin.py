@@ -1,4 +1,5 @@
-"""The admin API of the sync engine (seed 000, docs/sync.md), on the local web server.
+"""The admin API on the local web server: the sync engine's (seed 000, docs/sync.md) and
+archives (docs/operations.md, "Archives while the daemon runs").
 
 - ``POST /v1/admin/process-pending``: run every registered processor now; **200** with
   ``results[]`` when every run succeeded, **207** when any failed (an item failed or was
@@ -15,7 +16,15 @@
   close an item in review without sending it (dealt with outside the gateway); it stays in
   the outbox as ``reviewed`` with its error and the note; 404 when it is not in review.
 
-Every state-changing call (process-pending, resume, retry) leaves an ``ADMIN_ACTION``
+- ``POST /v1/admin/archive`` ``{"period": "MONTHLY"|"YEARLY", "chain"?}``: archive every
+  closing of that type (of that chain, or of every chain) that has no archive yet, through
+  the daemon's ledger writer (gateway.archive, docs/export-format.md "Archives"): **200**
+  with ``archives[]``; **409** ``CONFLICT`` when there is nothing to archive; **400**
+  ``VALIDATION_ERROR`` / **404** ``NOT_FOUND`` (no such chain) with ``details[]`` naming the
+  field; **500** (**207** if some were made) with ``failed[]`` when an archive could not be
+  written. A refused request changes nothing and records nothing.
+
+Every state-changing call (process-pending, resume, retry, archive) leaves an ``ADMIN_ACTION``
 technical event (``who`` = ``admin-api``, ``action``, ``input``, ``outcome``) through the
 ``record_event`` callable the composition root passes in (the event journal).
 
@@ -36,7 +45,14 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.core.errors import ConfigError
+from gateway.core.errors import (
+    ConfigError,
+    Conflict,
+    Detail,
+    GatewayError,
+    NotFound,
+    ValidationError,
+)
 from gateway.sync import SyncEngine
 
 log = logging.getLogger("gateway.admin")
@@ -56,15 +72,50 @@ def read_token(path: Path) -> str:
 
 
 RecordEvent = Callable[..., None]
+#: ``archive(period, chain)`` → gateway.archive.ArchiveRun (FiscalJournal.archive)
+ArchiveFn = Callable[[str, str | None], Awaitable[Any]]
+ARCHIVE_PERIODS = ("MONTHLY", "YEARLY")
+
+
+def archive_request(unverified: Any) -> tuple[str, str | None]:
+    """``(period, chain)`` of a ``POST /v1/admin/archive`` body, or ValidationError."""
+    if not isinstance(unverified, dict):
+        raise ValidationError(
+            "the body must be a JSON object", [Detail("$", "must be an object", "TYPE")]
+        )
+    details = []
+    period = unverified.get("period")
+    if period is None:
+        details.append(Detail("period", "is required", "REQUIRED"))
+    elif period not in ARCHIVE_PERIODS:
+        details.append(Detail("period", "must be one of MONTHLY, YEARLY", "NOT_ALLOWED"))
+    chain = unverified.get("chain")
+    if chain is not None and (not isinstance(chain, str) or not chain):
+        details.append(Detail("chain", "must be a non-empty string", "TYPE"))
+    for key in unverified:
+        if key not in ("period", "chain"):
+            details.append(Detail(str(key)[:64], "is not a known field", "UNKNOWN_FIELD"))
+    if details:
+        raise ValidationError("the archive request is not valid", details)
+    assert isinstance(period, str)
+    return period, chain
 
 
 class AdminApi:
     def __init__(
-        self, engine: SyncEngine, token: str | None, record_event: RecordEvent | None = None
+        self,
+        engine: SyncEngine,
+        token: str | None,
+        record_event: RecordEvent | None = None,
+        *,
+        archive: ArchiveFn | None = None,
+        chains: Callable[[], Any] | None = None,
     ) -> None:
         self.engine = engine
         self._token = token.encode("utf-8") if token else None
         self._record_event = record_event
+        self._archive = archive
+        self._chains = chains
 
     def _action(self, action: str, outcome: str, **fields: Any) -> None:
         """Record who did what through the admin API (an ADMIN_ACTION event)."""
@@ -80,6 +131,8 @@ class AdminApi:
         app.router.add_get("/v1/admin/sync/review", self._auth(self.review))
         app.router.add_post("/v1/admin/sync/review/retry", self._auth(self.retry))
         app.router.add_post("/v1/admin/sync/review/mark-reviewed", self._auth(self.mark_reviewed))
+        if self._archive is not None:
+            app.router.add_post("/v1/admin/archive", self._auth(self.archive))
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -203,3 +256,66 @@ class AdminApi:
         return web.json_response(
             {"processor": processor, "chain": chain, "seq": seq, "state": "reviewed"}
         )
+
+    async def archive(self, request: web.Request) -> web.Response:
+        assert self._archive is not None
+        try:
+            try:
+                unverified = json.loads(await request.read())
+            except ValueError:
+                raise ValidationError(
+                    "the body is not JSON", [Detail("$", "must be a JSON object", "TYPE")]
+                ) from None
+            period, chain = archive_request(unverified)
+            if chain is not None and self._chains is not None and chain not in self._chains():
+                raise NotFound(
+                    f"no chain {chain!r} in the journal",
+                    [Detail("chain", "is not a chain of the journal", "NOT_FOUND")],
+                )
+            run = await self._archive(period, chain)
+        except GatewayError as exc:
+            status = {
+                "VALIDATION_ERROR": 400,
+                "NOT_FOUND": 404,
+                "CONFLICT": 409,
+                "SIGNING_HALTED": 503,
+            }.get(exc.code, 500)
+            return web.json_response({"error": exc.to_json()}, status=status)
+        if not run.made and not run.failed:
+            where = f"of {chain}" if chain is not None else "of any chain"
+            nothing = Conflict(
+                f"nothing to archive: no {period} closing {where} is without its archive",
+                [Detail("period", f"no {period} closing waits for an archive", "NOTHING_TO_DO")],
+            )
+            return web.json_response({"error": nothing.to_json()}, status=409)
+        archives = [
+            {
+                "chain": r.chain,
+                "archive": r.payload["archive"],
+                "path": str(run.root / r.payload["archive"]),
+                "closing": r.payload["closing"],
+                "period": r.payload["period"],
+                "records": r.payload["records"],
+                "manifest_hash": r.payload["manifest_hash"],
+                "recorded_seq": r.seq,
+            }
+            for r in run.made
+        ]
+        failed = [{"chain": t.chain, "closing": t.closing(), "error": why} for t, why in run.failed]
+        outcome = "ok" if not failed else "partial" if archives else "failed"
+        self._action(
+            "archive",
+            outcome,
+            period=period,
+            chain=chain,
+            archives=[a["archive"] for a in archives],
+        )
+        body: dict[str, Any] = {"period": period, "archives": archives}
+        if failed:
+            body["failed"] = failed
+            body["error"] = {
+                "code": "STORAGE_ERROR",
+                "message": f"{len(failed)} archive(s) could not be made: {failed[0]['error']}",
+            }
+        status = 200 if not failed else 207 if archives else 500
+        return web.json_response(body, status=status)

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -136,6 +137,9 @@ class App:
             self.admin_token = read_token(cfg.path(cfg.http.admin_token_file))
         # clock, events, closings, archives (its clock is the ledger's: CLOCK_JUMP events)
         self.journal = journal = FiscalJournal(cfg, key_generated=self.key_generated)
+        # uplink transitions and budget levels go to the event journal as they happen
+        # (UPLINK_OFFLINE, UPLINK_ONLINE, OFFLINE_WARNING, OFFLINE_LIMIT); it only queues
+        sync.on_event = journal.events.record
         self.ledger = ledger = await Ledger.open(
             cfg.db_path,
             signer,
@@ -192,7 +196,6 @@ class App:
             self.reads,
             guard=self.sync.guard if self.sync.processors else None,
             on_signed=self.sync.signed,
-            uplinks=self.sync.status if self.sync.processors else None,
         )
         self.printer = None
         if cfg.printer.kind == "virtual":
@@ -246,10 +249,20 @@ class App:
         untimed = dispatcher.handle
 
         async def handle_timed(unverified: Any) -> dict[str, Any]:
-            # the sign latency histogram of /metrics: every transport goes through here
+            # the sign latency histogram of /metrics: every transport goes through here;
+            # the sync engine's replay steps aside while a request that signs is in flight
+            # (not for a status: a till polling it must not hold a replay up)
             t0 = time.perf_counter()
-            reply = await untimed(unverified)
             op = unverified.get("op") if isinstance(unverified, dict) else None
+            if not (isinstance(op, str) and op in SIGNING_OPS):  # bad input: no TypeError
+                reply = await untimed(unverified)
+                self.metrics.observe_sign(op, time.perf_counter() - t0)
+                return reply
+            self.sync.pos_begin()
+            try:
+                reply = await untimed(unverified)
+            finally:
+                self.sync.pos_end()
             self.metrics.observe_sign(op, time.perf_counter() - t0)
             return reply
 
@@ -268,9 +281,13 @@ class App:
         if cfg.http.listen:
             host, port = parse_listen(cfg.http.listen)
             http_app = make_app(dispatcher, ledger, max_body_bytes=cfg.http.max_body_bytes)
-            AdminApi(self.sync, self.admin_token, record_event=journal.events.record).add_routes(
-                http_app
-            )
+            AdminApi(
+                self.sync,
+                self.admin_token,
+                record_event=journal.events.record,
+                archive=journal.archive,
+                chains=ledger.heads,
+            ).add_routes(http_app)
             StatusPage(
                 self.status,
                 Maintenance(
@@ -280,6 +297,7 @@ class App:
                     ledger=ledger,
                     db_path=cfg.db_path,
                     record_event=journal.events.record,
+                    archive=journal.archive,
                 ),
                 self.metrics,
                 token=self.admin_token,
@@ -297,7 +315,8 @@ class App:
                 cfg.mqtt,
                 gateway_id=cfg.gateway.id,
                 dispatcher=dispatcher,
-                status=self.status,
+                # every status_check_s: not the page's lists (a scan of the records table each)
+                status=functools.partial(self.status, lists=False),
                 resolve_path=cfg.path,
             )
             tg.create_task(self.mqtt.run())
@@ -339,7 +358,9 @@ class App:
             f"signing; {ledger.stats.records} records since start, {len(ledger.heads())} chain(s)"
         )
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, *, lists: bool = True) -> dict[str, Any]:
+        """The status JSON (docs/operations.md); ``lists=False`` without the status page's
+        record lists (gateway.technician: each scans the records table)."""
         ledger = self.ledger
         assert ledger is not None and self.reads is not None
 
@@ -399,7 +420,7 @@ class App:
             "journal": self.journal.status() if self.journal else {},
             **(
                 await technician_status(
-                    self.reads, ledger.signer.public_pem, self.cfg.gateway.state_dir
+                    self.reads, ledger.signer.public_pem, self.cfg.gateway.state_dir, lists=lists
                 )
             ),
         }
@@ -485,6 +506,10 @@ class App:
             self.reads.close()
 
 
+#: POS operations that sign records (gateway.dispatch): the replay yields to them.
+SIGNING_OPS = frozenset({"sign", "cancel", "correction", "reprint", "batch", "close"})
+
+
 def sync_engine(cfg: Config) -> SyncEngine:
     """The sync engine with the processors ``cfg`` enables (docs/sync.md)."""
     s = cfg.sync
@@ -528,7 +553,10 @@ def sync_engine(cfg: Config) -> SyncEngine:
         engine.register(
             FiskalyUplink(client),
             ProcessorSettings(
-                interval_s=f.interval_s, probe_min_s=f.probe_min_s, probe_max_s=f.probe_max_s
+                interval_s=f.interval_s,
+                probe_min_s=f.probe_min_s,
+                probe_max_s=f.probe_max_s,
+                idle_probe_s=f.idle_probe_s,
             ),
         )
     register_batch_uplinks(cfg, engine)
@@ -569,6 +597,7 @@ def register_batch_uplinks(cfg: Config, engine: SyncEngine) -> None:
             poll_interval_s=p.poll_interval_s,
             poll_timeout_s=p.poll_timeout_s,
             rate_limit=p.batches_per_minute,
+            retry_after_max_s=p.retry_after_max_s,
         )
         engine.register_batch(BatchProcessor(engine, goroute, settings))
     s = cfg.sifen
@@ -601,6 +630,7 @@ def register_batch_uplinks(cfg: Config, engine: SyncEngine) -> None:
             poll_interval_s=s.poll_interval_s,
             poll_timeout_s=s.poll_timeout_s,
             rate_limit=s.lotes_per_minute,
+            retry_after_max_s=s.retry_after_max_s,
         )
         engine.register_batch(BatchProcessor(engine, sifen, settings))
 

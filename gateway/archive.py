@@ -15,7 +15,10 @@ later change to any archive file, or a replaced archive, shows against the journ
 ``<root>/<chain>/<TYPE>-<number>/``; a half-written one (a crash) is made again.
 
 The daemon archives each closed period of ``journal.archive_period`` right after its closing
-(:class:`Archiver`); ``fiscal-gateway archive`` does the same by hand with the daemon stopped.
+(:class:`Archiver`); ``POST /v1/admin/archive`` asks the running daemon for the archives of
+either period type (gateway.admin), and ``fiscal-gateway archive`` does the same by hand —
+itself with the daemon stopped, through that endpoint while it runs. Every archive run of a
+daemon shares one lock, so two runs never write the same directory at once.
 """
 
 from __future__ import annotations
@@ -100,6 +103,16 @@ def pending(r: Reader, kind: str, chain: str | None = None) -> list[Target]:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveRun:
+    """What one archive run did: the ``EXPORT::RECORDS`` records made, and the closings
+    whose archive failed (with why)."""
+
+    root: Path
+    made: list[Record]
+    failed: list[tuple[Target, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class Written:
     target: Target
     path: Path
@@ -168,6 +181,7 @@ class Archiver:
         *,
         clock_ms: Callable[[], int],
         guard: Callable[[Entry], Entry] | None = None,
+        lock: asyncio.Lock | None = None,
     ) -> None:
         self.ledger = ledger
         self.reads = reads
@@ -175,12 +189,23 @@ class Archiver:
         self.kind = kind
         self.clock_ms = clock_ms
         self.guard = guard
+        self.lock = lock if lock is not None else asyncio.Lock()
 
     async def run_due(self, chain: str | None = None) -> list[Record]:
+        """Archive every closing not archived yet; the records made (failures are logged)."""
+        return (await self.run(chain)).made
+
+    async def run(self, chain: str | None = None) -> ArchiveRun:
+        """Archive every closing of ``chain`` (None: of every chain) not archived yet."""
+        async with self.lock:
+            return await self._run(chain)
+
+    async def _run(self, chain: str | None) -> ArchiveRun:
         if self.ledger.halted is not None:
-            return []
+            return ArchiveRun(self.root, [], [])
         targets = await self.reads.run(lambda r: pending(r, self.kind, chain))
-        made = []
+        made: list[Record] = []
+        failed: list[tuple[Target, str]] = []
         for t in targets:
             try:
                 w = await asyncio.to_thread(
@@ -194,6 +219,7 @@ class Archiver:
             except (GatewayError, OSError) as exc:
                 msg = exc.message if isinstance(exc, GatewayError) else str(exc)
                 log.error("archive of %s %s %d failed: %s", t.chain, t.kind, t.number, msg)
+                failed.append((t, msg))
                 continue
             entry = export_entry(w)
             try:
@@ -202,6 +228,7 @@ class Archiver:
                 )
             except GatewayError as exc:
                 log.error("archive %s made but not recorded: %s", w.path, exc.message)
+                failed.append((t, f"made but not recorded: {exc.message}"))
                 continue
             log.info(
                 "archive %s: %d records, manifest %s, recorded as %s seq %d",
@@ -212,7 +239,7 @@ class Archiver:
                 signed.record.seq,
             )
             made.append(signed.record)
-        return made
+        return ArchiveRun(self.root, made, failed)
 
 
 def find_recorded(r: Reader, chain: str, manifest_hash: str) -> dict[str, Any] | None:
@@ -231,4 +258,4 @@ def find_recorded(r: Reader, chain: str, manifest_hash: str) -> dict[str, Any] |
     return None
 
 
-__all__ = ["Archiver", "find_recorded", "pending", "write_archive"]
+__all__ = ["ArchiveRun", "Archiver", "find_recorded", "pending", "write_archive"]

@@ -55,6 +55,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"verified {report.records} records in {report.seconds:.2f} s "
         f"({report.records_per_s:,.0f} records/s): {'OK' if report.ok else 'FAILED'}"
     )
+    held = _held_events(args.db)
+    if held:
+        print(
+            f"{held} gateway-wide event(s) held for the first chain (written before its first "
+            "record; docs/events.md)"
+        )
     if args.json:
         print(
             json.dumps(
@@ -66,6 +72,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             )
         )
     return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def _held_events(db: Path) -> int:
+    """How many gateway-wide events wait for the first chain (0 if the table is not there)."""
+    from gateway.store import Reader
+
+    with Reader(db) as r:
+        try:
+            return int(r.conn.execute("SELECT count(*) FROM held_events").fetchone()[0])
+        except sqlite3.OperationalError:  # a journal from before migration 5
+            return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -148,9 +165,11 @@ def cmd_verify_export(args: argparse.Namespace) -> int:
 def cmd_archive(args: argparse.Namespace) -> int:
     from drivers.signers.software import load_signer
     from gateway.archive import PERIODS, Archiver
-    from gateway.ledger import Ledger
+    from gateway.ledger import Ledger, in_use
     from gateway.reads import ReadPool
 
+    if in_use(args.db):  # the daemon holds the journal: it makes the archives
+        return _archive_through_daemon(args)
     signer = load_signer(args.key or _default_key(args.db))
     root = args.out or args.db.parent / "archives"
 
@@ -158,11 +177,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         try:
             ledger = await Ledger.open(args.db, signer)
         except StorageError as exc:
-            print(
-                f"error: {exc.code}: {exc.message} (a running daemon archives on its own "
-                "schedule, journal.archive_period; stop it to archive by hand)",
-                file=sys.stderr,
-            )
+            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
             return EXIT_FAIL
         reads = ReadPool(args.db)
         try:
@@ -185,6 +200,93 @@ def cmd_archive(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return asyncio.run(run())
+
+
+#: Seconds to wait for the daemon's answer (a year's archive is written and checked first).
+ARCHIVE_TIMEOUT_S = 900.0
+
+
+def _archive_through_daemon(args: argparse.Namespace) -> int:
+    """Ask the running daemon for the archives (``POST /v1/admin/archive``, docs/operations.md).
+
+    Its address and admin token come from ``--url`` / ``--token-file``, else from the
+    daemon's ``--config`` (``http.listen``, ``http.admin_token_file``).
+    """
+    import urllib.error
+    import urllib.request
+
+    body: dict[str, str] = {"period": args.period}
+    if args.chain is not None:
+        body["chain"] = args.chain
+    how = (
+        f"the daemon is running and holds {args.db}: it makes the archive itself. Give this "
+        "command its --config (or --url and --token-file), or ask it directly:\n"
+        '  curl -X POST -H "Authorization: Bearer $(cat TOKEN_FILE)" '
+        f"-d '{json.dumps(body)}' http://127.0.0.1:8480/v1/admin/archive"
+    )
+    if args.out is not None:
+        print(
+            "error: --out: the running daemon archives into its journal.archive_dir; "
+            "leave --out out, or stop the daemon to archive elsewhere",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    url, token_file = args.url, args.token_file
+    if args.config is not None:
+        from gateway.config import load_config
+
+        cfg = load_config(args.config)
+        if url is None and cfg.http.listen:
+            url = f"http://{cfg.http.listen}"
+        if token_file is None and cfg.http.admin_token_file:
+            token_file = cfg.path(cfg.http.admin_token_file)
+    if url is None or token_file is None:
+        print(f"error: {how}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        token = Path(token_file).read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: cannot read the admin token file: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if not url.startswith(("http://", "https://")):
+        print(f"error: --url: {url!r} is not an http:// or https:// address", file=sys.stderr)
+        return EXIT_USAGE
+    request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
+        url.rstrip("/") + "/v1/admin/archive",
+        data=json.dumps(body).encode("utf-8"),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=ARCHIVE_TIMEOUT_S) as resp:  # noqa: S310
+            status, reply = resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        try:
+            reply = json.loads(exc.read())
+        except ValueError:
+            reply = {"error": {"code": f"HTTP_{exc.code}", "message": exc.reason}}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"error: the daemon's admin API at {url} did not answer: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    for a in reply.get("archives", []):
+        c = a["closing"]
+        print(
+            f"{a['path']}: {a['records']} records, {c['type']} {c['number']}, "
+            f"recorded as {a['chain']} seq {a['recorded_seq']} (by the running daemon)"
+        )
+    err = reply.get("error")
+    if status == 409 and err and err.get("code") == "CONFLICT":
+        print(err["message"])
+        return EXIT_OK
+    if err:
+        print(f"error: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        for d in err.get("details", []):
+            print(f"  {d.get('field')}: {d.get('message')}", file=sys.stderr)
+        for f in reply.get("failed", []):
+            print(f"  {f['chain']} {f['closing']['type']}: {f['error']}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 def _now_ms() -> int:
@@ -242,6 +344,66 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_mqtt_acl(args: argparse.Namespace) -> int:
+    """Render the Mosquitto acl_file from [mqtt.acl] (gateway.core.mqtt_acl; docs/mqtt.md)."""
+    from gateway.config import load_config
+    from gateway.core.mqtt_acl import TillAcl, render_mosquitto_acl
+    from gateway.core.mqtt_topics import Topics
+
+    cfg = load_config(args.config)
+    acl = TillAcl(cfg.mqtt.acl)
+    if not acl.configured:
+        print(f"error: {args.config} has no [mqtt.acl] table: nothing to render", file=sys.stderr)
+        return EXIT_FAIL
+    gateway_user = args.gateway_user or cfg.mqtt.username
+    if not gateway_user:
+        print(
+            "error: the gateway's own broker account is needed: set mqtt.username "
+            "(or --gateway-user, e.g. a certificate's name with use_identity_as_username)",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+    if gateway_user in dict(acl.entries):
+        print(f"error: {gateway_user!r} is also a till account in [mqtt.acl]", file=sys.stderr)
+        return EXIT_FAIL
+    acl_path = args.out.resolve() if args.out else Path("/etc/mosquitto/fiscal-gateway.acl")
+    users = [gateway_user, *(u for u, _ in acl.entries)]
+    notes = [
+        "",
+        "mosquitto.conf:",
+        "  allow_anonymous false",
+        f"  password_file {args.password_file}",
+        f"  acl_file {acl_path}",
+        "one password per account (add -c to the first to create the file; the gateway's",
+        "password also goes in the file named by mqtt.password_file):",
+        *(f"  mosquitto_passwd {args.password_file} {u}" for u in users),
+        "then reload Mosquitto (systemctl reload mosquitto, or SIGHUP) and restart the gateway.",
+    ]
+    text = render_mosquitto_acl(
+        Topics(cfg.mqtt.prefix, cfg.gateway.id),
+        gateway_user,
+        acl,
+        source=str(args.config),
+        notes=notes,
+    )
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, args.out)
+        print(
+            f"wrote {args.out}: {len(acl.entries)} till account(s), {len(acl.tills)} till(s)",
+            file=sys.stderr,
+        )
+    print("\n".join(notes[1:]), file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fiscal-gateway", description=__doc__)
     p.add_argument("--version", action="version", version=f"fiscal-gateway {__version__}")
@@ -284,13 +446,23 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "archive",
         help="archive every closed period not archived yet and record each in its chain "
-        "(stop the daemon first: it archives on its own schedule)",
+        "(while the daemon runs, it is asked to do it through its admin API)",
     )
     a.add_argument("--db", type=Path, required=True)
     a.add_argument("--key", type=Path, default=None)
     a.add_argument("--out", type=Path, default=None, help="default: <db dir>/archives")
     a.add_argument("--period", choices=("MONTHLY", "YEARLY"), default="MONTHLY")
     a.add_argument("--chain", default=None)
+    a.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the running daemon's config: where its admin API listens, its token file",
+    )
+    a.add_argument(
+        "--url", default=None, help="the running daemon's HTTP address (http://HOST:PORT)"
+    )
+    a.add_argument("--token-file", type=Path, default=None, help="the admin token's file")
     a.set_defaults(func=cmd_archive)
 
     r = sub.add_parser(
@@ -301,6 +473,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--key", type=Path, default=None)
     r.add_argument("--new-key", type=Path, default=None)
     r.set_defaults(func=cmd_rotate_key)
+
+    ma = sub.add_parser(
+        "mqtt-acl",
+        help="write the Mosquitto acl_file for [mqtt.acl] (which broker account may send "
+        "requests for which till) and say how to plug it into mosquitto.conf",
+    )
+    ma.add_argument("--config", type=Path, required=True, help="the gateway's TOML config")
+    ma.add_argument("--out", type=Path, default=None, help="file to write (default: stdout)")
+    ma.add_argument(
+        "--gateway-user",
+        default=None,
+        help="the gateway's broker account (default: mqtt.username)",
+    )
+    ma.add_argument(
+        "--password-file",
+        default="/etc/mosquitto/passwords",
+        help="Mosquitto's password_file, for the instructions (default %(default)s)",
+    )
+    ma.set_defaults(func=cmd_mqtt_acl)
 
     try:
         from gateway.app import add_print_test_parser, add_run_parser

@@ -153,6 +153,9 @@ class MqttSection:
     status_check_s: float = 1.0
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    #: ``[mqtt.acl]``: broker user name → the till ids that account may send requests for
+    #: (gateway.core.mqtt_acl). Empty: the gateway serves any till (the broker decides).
+    acl: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,7 @@ class FiskalySection:
     busy_max_wait_s: float = 60.0
     probe_min_s: float = 1.0
     probe_max_s: float = 300.0
+    idle_probe_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +215,7 @@ class PeppolSection:
     max_batch_bytes: int = 50 * 1024 * 1024
     max_doc_bytes: int = 15 * 1024 * 1024
     batches_per_minute: int = 10
+    retry_after_max_s: float = 300.0
     connect_timeout_s: float = 5.0
     total_timeout_s: float = 60.0
 
@@ -233,6 +238,7 @@ class SifenSection:
     max_docs: int = 50
     max_lote_bytes: int = 1_000_000
     lotes_per_minute: int = 10
+    retry_after_max_s: float = 300.0
     connect_timeout_s: float = 5.0
     total_timeout_s: float = 60.0
 
@@ -356,6 +362,8 @@ def _convert(c: _Collector, path: str, raw: Any, default: Any) -> Any:
             c.err(path, "must be a non-empty path string", "TYPE")
             return default
         return Path(raw)
+    if path == "mqtt.acl":
+        return _convert_mqtt_acl(c, raw)
     if isinstance(default, tuple):
         if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
             c.err(path, "must be a list of strings", "TYPE")
@@ -367,6 +375,20 @@ def _convert(c: _Collector, path: str, raw: Any, default: Any) -> Any:
             return default
         return raw
     raise AssertionError(f"unsupported default for {path}")
+
+
+def _convert_mqtt_acl(c: _Collector, raw: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``[mqtt.acl]``: a table of user name = list of till ids (checked in _validate_mqtt_acl)."""
+    if not isinstance(raw, dict):
+        c.err("mqtt.acl", 'must be a table: user = ["till-1", ...]', "TYPE")
+        return ()
+    out = []
+    for user, tills in raw.items():
+        if not isinstance(tills, list) or not all(isinstance(t, str) for t in tills):
+            c.err(f"mqtt.acl.{user}", "must be a list of till ids", "TYPE")
+            continue
+        out.append((user, tuple(tills)))
+    return tuple(out)
 
 
 def parse_config(data: dict[str, Any], *, source_sha256: str = "") -> Config:
@@ -530,6 +552,7 @@ def _validate(c: _Collector, cfg: Config) -> None:
     if cfg.logging.format not in ("json", "text"):
         c.err("logging.format", 'must be "json" or "text"', "RANGE")
     _validate_mqtt(c, cfg.mqtt)
+    _validate_mqtt_acl(c, cfg)
     _validate_sync(c, cfg.sync)
     _validate_fiskaly(c, cfg.fiskaly)
     _validate_batch_uplinks(c, cfg.peppol, cfg.sifen)
@@ -618,6 +641,29 @@ def _validate_mqtt(c: _Collector, m: MqttSection) -> None:
         c.err("mqtt.reconnect_min_s", "must not exceed mqtt.reconnect_max_s", "RANGE")
 
 
+#: Broker user names in [mqtt.acl]: what a Mosquitto acl_file ``user`` line can carry safely.
+_MQTT_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def _validate_mqtt_acl(c: _Collector, cfg: Config) -> None:
+    m = cfg.mqtt
+    for user, tills in m.acl:
+        key = f"mqtt.acl.{user}"
+        if not _MQTT_USER_RE.fullmatch(user):
+            c.err(key, "user name must be 1-64 characters of A-Z a-z 0-9 . _ @ -", "FORMAT")
+        elif m.username and user == m.username:
+            c.err(key, "is the gateway's own account (mqtt.username), not a till account", "RANGE")
+        if not tills:
+            c.err(key, "must list at least one till id", "RANGE")
+        for i, till in enumerate(tills):
+            if not TILL_RE.match(till):
+                c.err(f"{key}[{i}]", "is not a valid till id", "FORMAT")
+            elif till in tills[:i]:
+                c.err(f"{key}[{i}]", f"{till!r} is listed twice", "RANGE")
+            elif cfg.tills.allowed and till not in cfg.tills.allowed:
+                c.err(f"{key}[{i}]", f"{till!r} is not in tills.allowed", "RANGE")
+
+
 def _validate_sync(c: _Collector, s: SyncSection) -> None:
     if not 1 <= s.max_pending_records <= 9999:
         c.err(
@@ -683,6 +729,7 @@ def _validate_fiskaly(c: _Collector, f: FiskalySection) -> None:
     _positive(c, "fiskaly.probe_max_s", f.probe_max_s, 86400)
     if f.probe_min_s > f.probe_max_s:
         c.err("fiskaly.probe_min_s", "must not exceed fiskaly.probe_max_s", "RANGE")
+    _positive(c, "fiskaly.idle_probe_s", f.idle_probe_s, 3600)
 
 
 def _validate_base_url(c: _Collector, key: str, url: str) -> None:
@@ -712,6 +759,14 @@ def _validate_batch_uplinks(c: _Collector, p: PeppolSection, s: SifenSection) ->
             c.err("sifen.ruc", "must be <1-8 digits>-<check digit>", "FORMAT")
     if s.enabled or s.base_url:
         _validate_base_url(c, "sifen.base_url", s.base_url)
+        # SIFEN asks for 30-60 s between queries of a lote: faster only against a simulator
+        host = re.match(r"https?://(\[[0-9a-fA-F:]+\]|[^/:]+)", s.base_url)
+        if s.poll_interval_s < 30 and not (host and is_loopback(host.group(1).strip("[]"))):
+            c.err(
+                "sifen.poll_interval_s",
+                "must be >= 30 (SIFEN asks for 30-60 s); shorter only to a loopback simulator",
+                "RANGE",
+            )
     for key in ("establishment", "expedition_point"):
         if not re.fullmatch(r"[0-9]{3}", getattr(s, key)):
             c.err(f"sifen.{key}", "must be 3 digits", "FORMAT")
@@ -726,6 +781,7 @@ def _validate_batch_uplinks(c: _Collector, p: PeppolSection, s: SifenSection) ->
         _positive(c, f"{name}.poll_timeout_s", sec.poll_timeout_s, 86400)
         _positive(c, f"{name}.connect_timeout_s", sec.connect_timeout_s, 600)
         _positive(c, f"{name}.total_timeout_s", sec.total_timeout_s, 600)
+        _positive(c, f"{name}.retry_after_max_s", sec.retry_after_max_s, 86400)
     if not 1 <= p.max_docs <= 100:
         c.err("peppol.max_docs", "must be 1-100 (GoRoute's limit)", "RANGE")
     if not 1024 <= p.max_batch_bytes <= 50 * 1024 * 1024:

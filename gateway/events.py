@@ -8,11 +8,12 @@ Any part of the daemon reports an event with one call (docs/events.md has the co
 (a bad code or field is logged and dropped), so it can be called from the event loop, the
 ledger writer thread (clock jumps) or a device thread. A worker task signs the queued events
 through the ledger writer like any other record. ``chain=None`` means an event of the
-gateway as a whole: it is written into every chain the journal holds (a gateway with no
-chain yet has nowhere to write it, and only logs it). Identical events (same code, chain and
-fields) within ``journal.event_window_s`` are written once, and the repeats as one more record
-with ``count``, ``first_time`` and ``last_time`` when the window ends
-(:class:`gateway.core.events.RateLimiter`).
+gateway as a whole: it is written into every chain the journal holds; a gateway with no
+chain yet (a fresh install) holds it in the journal file until its first chain is made, and
+the ledger writes it there first, with its own time (:meth:`Ledger.hold_events`).
+Identical events (same code, chain and fields) within ``journal.event_window_s`` are written
+once, and the repeats as one more record with ``count``, ``first_time`` and ``last_time``
+when the window ends (:class:`gateway.core.events.RateLimiter`).
 
 :meth:`EventJournal.write` records at once and waits for the records (start-up, shutdown).
 Command-line tools that cannot take the ledger writer while the daemon runs drop events into
@@ -130,8 +131,16 @@ class EventJournal:
         self.ledger = ledger
         self.guard = guard
         self.on_signed = on_signed
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        if on_signed is not None:
+            # held events written into a new chain (in the writer thread): tell on_signed,
+            # on the loop, before the caller that opened the chain hears of its record
+            def held_written(records: list[Record]) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(on_signed, records)
+
+            ledger.on_held_written = held_written
         self._poke()
 
     # ------------------------------------------------------------------ reporting
@@ -166,7 +175,8 @@ class EventJournal:
                 loop.call_soon_threadsafe(wake.set)
 
     async def write(self, code: str, *, chain: str | None = None, **fields: Any) -> list[Record]:
-        """Record an event now (no rate limit) and return its records."""
+        """Record an event now (no rate limit) and return its records (none when it is held
+        for the first chain)."""
         return await self._submit([(chain, event_payload(code, plain(fields)))])
 
     # ------------------------------------------------------------------ the worker
@@ -214,14 +224,23 @@ class EventJournal:
     async def _sign(
         self, ledger: Ledger, items: Sequence[tuple[str | None, dict[str, Any], str]]
     ) -> tuple[list[Record], bool]:
-        """Sign ``(chain, payload, request id)`` items; the records and whether all were."""
+        """Sign ``(chain, payload, request id)`` items; the records and whether all were
+        (gateway-wide events held for the first chain count as done)."""
         chains = sorted(ledger.heads())
+        gateway_wide = [(rid, p) for c, p, rid in items if c is None]
+        if gateway_wide and not chains:
+            try:
+                chains = await ledger.hold_events(gateway_wide)
+            except GatewayError as exc:
+                log.error("%d event(s) not held: %s", len(gateway_wide), exc.message)
+                return [], False
+            if not chains:
+                for _rid, payload in gateway_wide:
+                    log.info("event %s held until the first chain is made", payload["event"])
+                items = [(c, p, rid) for c, p, rid in items if c is not None]
         entries = []
         for chain, payload, rid in items:
-            targets = [chain] if chain is not None else chains
-            if not targets:
-                log.info("event %s: no chain yet to record it in", payload["event"])
-            for c in targets:
+            for c in [chain] if chain is not None else chains:
                 request_id = rid if chain is not None else f"{rid}:{c}"
                 e = Entry(c, CLIENT, request_id, request_id, EVENT, payload)
                 entries.append(self.guard(e) if self.guard is not None else e)

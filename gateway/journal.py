@@ -10,9 +10,9 @@ before the ledger opens (the ledger reads its clock), then:
   with its true period, and their archives;
 - :meth:`FiscalJournal.tasks`: the event worker, the closing schedule (archives follow each
   closing), the integrity watch (a halt is remembered in ``<db>.halted`` so the next run
-  that can sign records it) and, with a cloud uplink, the uplink watch: ``UPLINK_OFFLINE``,
-  ``UPLINK_ONLINE``, ``OFFLINE_WARNING`` and ``OFFLINE_LIMIT`` from the sync engine's status
-  (gateway.core.events.uplink_events);
+  that can sign records it). ``UPLINK_OFFLINE``, ``UPLINK_ONLINE``, ``OFFLINE_WARNING`` and
+  ``OFFLINE_LIMIT`` are not watched here: the sync engine pushes them into ``events`` as
+  they happen (gateway.sync);
 - :meth:`FiscalJournal.stop`, after the listeners stopped: ``STOP``.
 
 The parts: gateway.clock, gateway.events, gateway.closings, gateway.archive.
@@ -26,17 +26,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway import __version__
-from gateway.archive import PERIODS, Archiver
+from gateway.archive import PERIODS, Archiver, ArchiveRun
 from gateway.clock import DisciplinedClock, clock_source
 from gateway.closings import Scheduler
 from gateway.config import Config
 from gateway.core.closing import Schedule, parse_closing_time, parse_year_end
-from gateway.core.events import uplink_events
+from gateway.core.errors import SigningHalted
 from gateway.core.record import Record, format_time
 from gateway.events import EventJournal
 from gateway.ledger import Entry, Ledger
@@ -47,8 +47,6 @@ log = logging.getLogger("gateway.journal")
 
 #: Seconds between looks at whether signing halted (to remember it for the next run).
 WATCH_S = 1.0
-#: Seconds between looks at the sync engine's uplinks and offline budgets.
-UPLINK_POLL_S = 2.0
 #: Seconds between looks for closings (made on request) still without an archive.
 ARCHIVE_POLL_S = 60.0
 
@@ -65,7 +63,15 @@ def schedule_of(cfg: Config) -> Schedule:
 
 
 def last_config_hash(r: Reader) -> str | None:
-    """``config_sha256`` of the latest ``START`` event in the journal (any chain)."""
+    """``config_sha256`` of the latest ``START`` event in the journal (any chain, or held
+    for the first chain)."""
+    held = r.conn.execute(
+        "SELECT payload FROM held_events "
+        "WHERE json_extract(payload, '$.event') = 'START' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    if held is not None:  # held events exist only while no chain does
+        value = json.loads(held[0]).get("config_sha256")
+        return value if isinstance(value, str) else None
     best: tuple[str, str] | None = None
     for h in r.heads():
         row = r.conn.execute(
@@ -108,10 +114,14 @@ class FiscalJournal:
         self.schedule = schedule_of(cfg)
         self.scheduler: Scheduler | None = None
         self.archiver: Archiver | None = None
+        #: one archive run at a time (schedule, catch-up, admin API): never two writers
+        #: in one archive directory
+        self.archive_lock = asyncio.Lock()
         self.ledger: Ledger | None = None
+        self.reads: ReadPool | None = None
+        self.guard: Callable[[Entry], Entry] | None = None
         self.started_mono = time.monotonic()
         self.halt_mark = cfg.db_path.with_name(cfg.db_path.name + ".halted")
-        self.uplink_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -122,15 +132,12 @@ class FiscalJournal:
         *,
         guard: Callable[[Entry], Entry] | None = None,
         on_signed: Callable[[list[Record]], None] | None = None,
-        uplinks: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
-        """The start-up records, missed closings and archives (before the POS is served).
-        ``uplinks``: the sync engine's status (its ``offline`` part is watched)."""
+        """The start-up records, missed closings and archives (before the POS is served)."""
         self.ledger = ledger
-        self.uplink_status = uplinks
-        self.clock.journal_ms = lambda: max(
-            (h.time_ms for h in ledger.heads().values()), default=None
-        )
+        self.reads = reads
+        self.guard = guard
+        self.clock.journal_ms = ledger.latest_time_ms
         self.events.bind(ledger, guard=guard, on_signed=on_signed)
         j = self.cfg.journal
         if j.archive_period:
@@ -141,6 +148,7 @@ class FiscalJournal:
                 PERIODS[j.archive_period],
                 clock_ms=self.clock.now_ms,
                 guard=guard,
+                lock=self.archive_lock,
             )
         self.scheduler = Scheduler(
             ledger,
@@ -195,6 +203,25 @@ class FiscalJournal:
         with contextlib.suppress(OSError):
             self.halt_mark.unlink()
 
+    async def archive(self, period: str, chain: str | None = None) -> ArchiveRun:
+        """Archive the ``period`` (``MONTHLY``/``YEARLY``) closings of ``chain`` (None: of
+        every chain) that have no archive yet, into ``journal.archive_dir`` (admin API)."""
+        ledger, reads = self.ledger, self.reads
+        if ledger is None or reads is None:
+            raise SigningHalted("the journal is not open")
+        if ledger.halted is not None:
+            raise SigningHalted(f"signing is halted: {ledger.halted}")
+        archiver = Archiver(
+            ledger,
+            reads,
+            self.cfg.path(self.cfg.journal.archive_dir),
+            PERIODS[period],
+            clock_ms=self.clock.now_ms,
+            guard=self.guard,
+            lock=self.archive_lock,
+        )
+        return await archiver.run(chain)
+
     async def _closed(self, records: list[Record]) -> None:
         if self.archiver is not None and any(r.type == self.archiver.kind for r in records):
             await self.archiver.run_due()
@@ -208,8 +235,6 @@ class FiscalJournal:
         tg.create_task(self._watch(), name="integrity watch")
         if self.archiver is not None:
             tg.create_task(self._archive_loop(self.archiver), name="archives")
-        if self.uplink_status is not None:
-            tg.create_task(self._watch_uplinks(self.uplink_status), name="uplink watch")
 
     async def _archive_loop(self, archiver: Archiver) -> None:
         """Archives of closings the POS asked for (scheduled ones are archived at once)."""
@@ -221,21 +246,6 @@ class FiscalJournal:
                 raise
             except Exception:
                 log.exception("archive run failed")
-
-    async def _watch_uplinks(self, status: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        previous: dict[str, Any] | None = None
-        while True:
-            try:
-                current = await status()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("uplink status unreadable")
-            else:
-                for code, chain, fields in uplink_events(previous, current):
-                    self.events.record(code, chain=chain, **fields)
-                previous = current
-            await asyncio.sleep(UPLINK_POLL_S)
 
     async def _watch(self) -> None:
         marked = False
@@ -279,6 +289,7 @@ class FiscalJournal:
             "closings_made": self.scheduler.made if self.scheduler is not None else 0,
             "events_recorded": self.events.recorded,
             "events_dropped": self.events.dropped,
+            "events_held": len(self.ledger.held()) if self.ledger is not None else 0,
         }
 
     # ------------------------------------------------------------------ stopping

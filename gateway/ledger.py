@@ -30,6 +30,17 @@ precedes the verdict, and those records are chained and verified like any other.
 ``integrity_check`` says which path was taken and how it ended (status page,
 docs/performance.md).
 
+**Held events.** A gateway-wide technical event (start, stop, key generated, ...) goes into
+every chain; a fresh install has none yet. :meth:`Ledger.hold_events` decides that in the
+writer thread, so no chain can appear meanwhile: with no chain the events are stored in
+``held_events`` (committed, so they survive restarts) instead. The group that makes a chain's
+first record writes every held event into that chain first — in the order they came, each
+with the time it was held (never before the previous record's: the chain rule) — then the
+record itself, and deletes the held rows, all in that one transaction. If that record is
+refused, none of it happens (but for the offline budget: see ``_one_or_error``). A chain
+opened later starts with no held events (they were written into the first one).
+``on_held_written`` is told of the records (writer thread).
+
 What this module leaves to others: request validation (gateway.core.request), the decision
 of what a request means (the dispatcher), and draining outbox/print queues (their workers).
 """
@@ -52,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.core.canonical import parse_canonical
+from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.chain import KEY_ROTATED, ChainHead, ChainRuleError, draft
 from gateway.core.errors import (
     Conflict,
@@ -60,6 +71,7 @@ from gateway.core.errors import (
     IdempotencyMismatch,
     IntegrityError,
     KeyError_,
+    OfflineLimitReached,
     RequestError,
     SigningHalted,
     StorageError,
@@ -76,6 +88,21 @@ class Signer(Protocol):
     public_pem: str
 
     def sign(self, data: bytes) -> str: ...
+
+
+#: Client of the held gateway-wide events when written into a chain (the event journal's).
+HELD_CLIENT = "gateway"
+HELD_TYPE = "INTENTION::EVENT"
+
+
+@dataclass(frozen=True, slots=True)
+class HeldEvent:
+    """A gateway-wide event waiting for the first chain (a ``held_events`` row)."""
+
+    id: int
+    time_ms: int
+    request_id: str
+    payload: dict[str, Any]
 
 
 class WriterView(Protocol):
@@ -139,6 +166,17 @@ class _Control:
     future: asyncio.Future[Any]
 
 
+@dataclass(slots=True)
+class _Deferred:
+    """A low-priority write (:meth:`Ledger.write_soon`): rides in the next group's transaction,
+    or gets its own once ``due`` (monotonic) passed without one."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    due: float
+
+
 _STOP = object()
 
 
@@ -175,6 +213,7 @@ class Ledger:
         idle_checkpoint_s: float = 1.0,
         checkpoint_every_commits: int = 250,
         run_quick_check: bool = True,
+        defer_max_s: float = 1.0,
     ) -> None:
         self.path = path
         self.signer = signer
@@ -186,6 +225,9 @@ class Ledger:
         self.idle_checkpoint_s = idle_checkpoint_s
         self.checkpoint_every_commits = checkpoint_every_commits
         self.run_quick_check = run_quick_check
+        self.defer_max_s = defer_max_s
+        #: low-priority writes waiting for a group commit (only the writer thread touches it)
+        self._deferred: list[_Deferred] = []
         self.stats = Stats()
         self.halted: str | None = None
         self._heads: dict[str, ChainHead] = {}
@@ -200,6 +242,10 @@ class Ledger:
         self.unclean_reason: str | None = None
         self._check_thread: threading.Thread | None = None
         self._check_conn: sqlite3.Connection | None = None
+        #: gateway-wide events held until a chain exists (only the writer thread changes it)
+        self._held: tuple[HeldEvent, ...] = ()
+        #: told of the held events once written into a new chain (called in the writer thread)
+        self.on_held_written: Callable[[list[Record]], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,6 +272,7 @@ class Ledger:
             migrate(conn)
             self._register_key(conn, self.signer)
             self._load_and_check_heads(conn)
+            self._held = _load_held(conn)
         except IntegrityError as exc:
             self.halt(exc.message)
         except BaseException as exc:
@@ -407,6 +454,50 @@ class Ledger:
         """Committed heads (a snapshot; safe to read from the event loop)."""
         return dict(self._heads)
 
+    def held(self) -> tuple[HeldEvent, ...]:
+        """The gateway-wide events held until the first chain exists (a snapshot)."""
+        return self._held
+
+    def latest_time_ms(self) -> int | None:
+        """The latest record time of the journal, held events included (None: empty)."""
+        heads, held = dict(self._heads), self._held  # snapshots: the writer thread moves on
+        times = [h.time_ms for h in heads.values()] + [h.time_ms for h in held]
+        return max(times, default=None)
+
+    async def hold_events(self, items: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Hold gateway-wide events ``(request id, payload)`` if no chain exists yet.
+
+        Decided in the writer thread, between groups: returns ``[]`` once the events are
+        committed to ``held_events`` (a request id already held is held once), or the chains
+        that exist — then nothing is held and the caller writes the events into those.
+        """
+
+        def hold(conn: sqlite3.Connection) -> list[str]:
+            if self.halted is not None:
+                raise SigningHalted(f"signing is halted: {self.halted}")
+            if self._heads:
+                return sorted(self._heads)
+            now = self.clock_ms()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for request_id, payload in items:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO held_events (time_ms, request_id, payload) "
+                        "VALUES (?, ?, ?)",
+                        (now, request_id, canonical_bytes(payload).decode("utf-8")),
+                    )
+                conn.execute("COMMIT")
+                self._held = _load_held(conn)
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                self.halt(f"storage failure: {exc}")
+                raise StorageError(f"events not held: storage failure: {exc}") from exc
+            return []
+
+        chains: list[str] = await self.control(hold)
+        return chains
+
     async def submit(self, entry: Entry) -> Signed:
         """Append one record (or return the stored one for a repeated request id)."""
         (outcome,) = await self.submit_many([entry], atomic=False)
@@ -438,6 +529,21 @@ class Ledger:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._q.put(_Control(fn, loop, fut))
+        return await fut
+
+    async def write_soon(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(conn)`` in the writer thread inside the next group commit's transaction,
+        after its records (so no commit, no fsync of its own while sales are being signed),
+        or in a transaction of its own when no group came within ``defer_max_s``. For writes
+        that may wait and must never make a sale wait (the sync engine's accepted-marks).
+        ``fn`` runs in a savepoint: if it raises, only its own changes are undone and the
+        exception is this call's; it must not BEGIN or COMMIT. Returns ``fn``'s result once
+        committed."""
+        if not self.writer_alive:  # nobody would ever take it from the queue
+            raise SigningHalted("the ledger is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._q.put(_Deferred(fn, loop, fut, time.monotonic() + self.defer_max_s))
         return await fut
 
     async def rotate_key(self, new_signer: Signer, *, client: str = "gateway") -> list[Record]:
@@ -560,14 +666,23 @@ class Ledger:
     def _run(self) -> None:
         stop = False
         while not stop:
+            timeout = self.idle_checkpoint_s
+            if self._deferred:
+                timeout = max(0.0, min(timeout, self._deferred[0].due - time.monotonic()))
             try:
-                first = self._q.get(timeout=self.idle_checkpoint_s)
+                first = self._q.get(timeout=timeout)
             except queue.Empty:
-                self._checkpoint("PASSIVE")
+                if self._deferred and self._deferred[0].due <= time.monotonic():
+                    self._run_deferred_alone()
+                else:
+                    self._checkpoint("PASSIVE")
                 self.last_progress = time.monotonic()
                 continue
             if first is _STOP:
                 break
+            if isinstance(first, _Deferred):
+                self._deferred.append(first)
+                continue
             items = [first]
             n = _entries(first)
             while n < self.max_group:
@@ -578,6 +693,9 @@ class Ledger:
                 if nxt is _STOP:
                     stop = True
                     break
+                if isinstance(nxt, _Deferred):
+                    self._deferred.append(nxt)
+                    continue
                 items.append(nxt)
                 n += _entries(nxt)
             jobs: list[_Job] = []
@@ -590,14 +708,61 @@ class Ledger:
                     jobs.append(it)
             self._run_group(jobs)
             self.last_progress = time.monotonic()
-        # drain anything queued after the stop marker: refuse politely
+        # low-priority writes still waiting are written now; anything queued after the stop
+        # marker is refused politely
         while True:
             try:
                 it = self._q.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(it, _Job | _Control) and it.loop is not None and it.future is not None:
+            if isinstance(it, _Deferred):
+                self._deferred.append(it)
+            elif isinstance(it, _Job | _Control) and it.loop is not None and it.future is not None:
                 _resolve(it.loop, it.future, SigningHalted("the ledger is shutting down"))
+        if self._deferred:
+            self._run_deferred_alone()
+
+    def _apply_deferred(self, conn: sqlite3.Connection) -> list[tuple[_Deferred, Any]]:
+        """Run the waiting low-priority writes inside the open transaction, each in its own
+        savepoint; their results, to resolve after the commit."""
+        done, self._deferred = self._deferred, []
+        out: list[tuple[_Deferred, Any]] = []
+        for d in done:
+            conn.execute("SAVEPOINT deferred")
+            try:
+                result: Any = d.fn(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO deferred")
+                result = exc
+            conn.execute("RELEASE deferred")
+            out.append((d, result))
+        return out
+
+    def _run_deferred_alone(self) -> None:
+        conn = self._conn
+        if conn is None or self.halted is not None:
+            done, self._deferred = self._deferred, []
+            for d in done:
+                _resolve(d.loop, d.future, SigningHalted(f"signing is halted: {self.halted}"))
+            return
+        waiting = list(self._deferred)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = self._apply_deferred(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            # nothing of them was written; signing goes on (a sale's own commit will tell
+            # whether the disk is really gone)
+            err = StorageError(f"deferred write failed: {exc}")
+            for d in waiting:
+                _resolve(d.loop, d.future, err)
+            self._deferred = []
+            return
+        self._commits_since_checkpoint += 1
+        for d, result in results:
+            _resolve(d.loop, d.future, result)
 
     def _run_control(self, ctl: _Control) -> None:
         assert self._conn is not None
@@ -632,12 +797,15 @@ class Ledger:
         conn = self._conn
         assert conn is not None
         group = _Group(self, conn)
+        waiting = list(self._deferred)
         try:
             conn.execute("BEGIN IMMEDIATE")
             group.look_up_requests(jobs)
             for job in jobs:
                 group.run_job(job)
             group.write_heads()
+            group.delete_held()
+            deferred = self._apply_deferred(conn) if self._deferred else []
             conn.execute("COMMIT")
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -653,10 +821,23 @@ class Ledger:
             err = StorageError(f"nothing was signed: {reason}")
             for job in jobs:
                 _finish(job, err)
+            for d in waiting:
+                _resolve(d.loop, d.future, err)
+            self._deferred = []
             return
         self._heads.update(group.heads)
+        if group.held_chains:
+            self._held = ()
+            if self.on_held_written is not None:
+                try:
+                    self.on_held_written(list(group.held_records))
+                except Exception:
+                    log.exception("held events hook failed")
         _resolve_many([(job, job.result) for job in jobs])  # first: the callers are waiting
+        for d, result in deferred:
+            _resolve(d.loop, d.future, result)
         n = sum(1 for job in jobs for o in job.result if isinstance(o, Signed) and not o.replayed)
+        n += len(group.held_records)
         self.stats.groups += 1
         self.stats.records += n
         self.stats.replays += group.replays
@@ -694,6 +875,11 @@ def _claim_conflict(claim: str, chain: str, seq: int) -> str:
         c, _, n = target.rpartition(":")
         return f"{c} seq {n} was already cancelled or corrected (by {chain} seq {seq})"
     return f"{claim} is already taken by {chain} seq {seq}"
+
+
+def _load_held(conn: sqlite3.Connection) -> tuple[HeldEvent, ...]:
+    rows = conn.execute("SELECT id, time_ms, request_id, payload FROM held_events ORDER BY id")
+    return tuple(HeldEvent(i, t, rid, parse_canonical(p.encode("utf-8"))) for i, t, rid, p in rows)
 
 
 def _distinct_chains(conn: sqlite3.Connection) -> list[str]:
@@ -791,6 +977,9 @@ class _Group:
         self.replays = 0
         self.now_ms = ledger.clock_ms()
         self.dynamic_claims: list[str] = []
+        # chains opened in this group with the held events written first, and those records
+        self.held_chains: list[str] = []
+        self.held_records: list[Record] = []
         # (client, request_id) -> (fingerprint, chain, seq) as committed before this group,
         # for every entry of the group; None: look each one up as it comes
         self.stored: dict[tuple[str, str], tuple[str, str, int]] | None = None
@@ -848,13 +1037,13 @@ class _Group:
                 job.result.append(out)
             return
         self.conn.execute("SAVEPOINT job")
-        saved_heads, saved_requests = dict(self.heads), dict(self.requests)
+        saved = self._save()
         results: list[Outcome] = []
         for i, e in enumerate(job.entries):
             out = self._one_or_error(e)
             if isinstance(out, GatewayError):
                 self.conn.execute("ROLLBACK TO job")
-                self.heads, self.requests = saved_heads, saved_requests
+                self._restore(saved)
                 job.result = [_AtomicAbort(i, out)] * len(job.entries)
                 self.conn.execute("RELEASE job")
                 return
@@ -862,13 +1051,55 @@ class _Group:
         self.conn.execute("RELEASE job")
         job.result = results
 
+    def _save(self) -> tuple[Any, ...]:
+        return (
+            dict(self.heads),
+            dict(self.requests),
+            list(self.held_chains),
+            list(self.held_records),
+        )
+
+    def _restore(self, saved: tuple[Any, ...]) -> None:
+        self.heads, self.requests, self.held_chains, self.held_records = saved
+
     def _one_or_error(self, e: Entry) -> Outcome:
+        # the entry that opens a chain writes the held events first; if it is refused, so
+        # are they (a refused request changes nothing) — unless the chain's offline budget
+        # refused it: the held events themselves may fill it (policy block), and only once
+        # they are in the chain can the uplink send them and the chain take sales again
+        opens = bool(self.ledger._held) and self.head(e.chain).seq == 0
+        if opens:
+            self.conn.execute("SAVEPOINT opening")
+            saved = self._save()
+        out: Outcome
         try:
-            return self._one(e)
+            out = self._one(e)
         except RequestError as exc:
-            return exc
+            out = exc
         except ChainRuleError as exc:
-            return IntegrityError(str(exc))
+            out = IntegrityError(str(exc))
+        if opens:
+            kept = isinstance(out, OfflineLimitReached) and e.chain in self.held_chains
+            if isinstance(out, GatewayError) and not kept:
+                self.conn.execute("ROLLBACK TO opening")
+                self._restore(saved)
+            self.conn.execute("RELEASE opening")
+        return out
+
+    def _write_held(self, chain: str) -> None:
+        """The held gateway-wide events, as the first records of the new ``chain``."""
+        for h in self.ledger._held:
+            rid = f"{h.request_id}:{chain}"
+            record = self._insert(
+                Entry(chain, HELD_CLIENT, rid, rid, HELD_TYPE, h.payload), h.payload, (), h.time_ms
+            )
+            self.held_records.append(record)
+        self.held_chains.append(chain)
+
+    def delete_held(self) -> None:
+        if self.held_chains and self.ledger._held:
+            last = max(h.id for h in self.ledger._held)
+            self.conn.execute("DELETE FROM held_events WHERE id <= ?", (last,))
 
     def _one(self, e: Entry) -> Signed:
         key = (e.client, e.request_id)
@@ -887,6 +1118,8 @@ class _Group:
             if stored is None:
                 raise IntegrityError(f"request {e.request_id} points at a missing record")
             return self._replay(e, row[0], stored)
+        if self.ledger._held and self.head(e.chain).seq == 0:
+            self._write_held(e.chain)
         self.dynamic_claims = []
         payload = e.payload if e.prepare is None else e.prepare(self)
         assert payload is not None
@@ -897,6 +1130,14 @@ class _Group:
             ).fetchone()
             if taken is not None:
                 raise Conflict(_claim_conflict(claim, taken[0], taken[1]))
+        return Signed(self._insert(e, payload, claims, self.now_ms))
+
+    def _insert(
+        self, e: Entry, payload: dict[str, Any], claims: Sequence[str], now_ms: int
+    ) -> Record:
+        """Make, sign and store the next record of ``e.chain`` (time: ``now_ms``, or the
+        previous record's + 1 ms if that is later) with its request, outbox rows, claims and
+        print job."""
         signer = self.ledger.signer
         d = draft(
             self.head(e.chain),
@@ -904,7 +1145,7 @@ class _Group:
             client=e.client,
             request_id=e.request_id,
             payload=payload,
-            now_ms=self.now_ms,
+            now_ms=now_ms,
             key_id=signer.key_id,
             offline=self.ledger.is_offline(e.chain),
         )
@@ -949,8 +1190,8 @@ class _Group:
             )
         record = Record.from_body(body, d.hash, sig)
         self.heads[e.chain] = d.head
-        self.requests[key] = (e.fingerprint, record)
-        return Signed(record)
+        self.requests[(e.client, e.request_id)] = (e.fingerprint, record)
+        return record
 
     def _replay(self, e: Entry, fingerprint: str, record: Record) -> Signed:
         if fingerprint != e.fingerprint:
@@ -986,6 +1227,23 @@ class _AtomicAbort(RequestError):
         self.index = index
         self.cause = cause
         self.code = cause.code
+
+
+def in_use(path: Path) -> bool:
+    """Whether a gateway process (the daemon, a tool) holds the journal ``path`` open for
+    writing: its ``<db>.lock`` is locked (see :meth:`Ledger._take_lock`)."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:  # no lock file: never opened; unreadable: opening the journal will say
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor releases a lock we took
+    return False
 
 
 def read_heads(path: Path) -> dict[str, tuple[int, str]]:

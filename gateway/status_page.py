@@ -85,6 +85,8 @@ class Maintenance:
     ledger: Any = None  # gateway.ledger.Ledger
     db_path: Path | None = None
     record_event: EventFn | None = None
+    #: ``archive(period, chain)`` → gateway.archive.ArchiveRun (FiscalJournal.archive)
+    archive: Callable[[str, str | None], Awaitable[Any]] | None = None
 
 
 def _environment() -> jinja2.Environment:
@@ -170,6 +172,7 @@ class StatusPage:
             "reprint": self.reprint,
             "close-day": self.close_day,
             "export": self.export,
+            "archive": self.archive,
         }
 
     # ------------------------------------------------------------------ access
@@ -503,6 +506,23 @@ class StatusPage:
                 "Content-Disposition": f'attachment; filename="{name}"',
             },
         )
+
+    async def archive(self, request: web.Request, form: dict[str, str], who: str) -> str:
+        """The closings of a period type without an archive yet, archived now (as
+        ``POST /v1/admin/archive``)."""
+        if self.m.archive is None:
+            raise ActionRefused("archives are not available")
+        period = form.get("period", "MONTHLY")
+        if period not in ("MONTHLY", "YEARLY"):
+            raise ActionRefused("period must be MONTHLY or YEARLY")
+        chain = form.get("chain") or None
+        run = await self.m.archive(period, chain)
+        if run.failed:
+            t, why = run.failed[0]
+            raise ActionRefused(f"{len(run.failed)} archive(s) failed: {t.chain}: {why}")
+        if not run.made:
+            raise ActionRefused(f"nothing to archive: every {period} closing has its archive")
+        return "; ".join(f"{r.payload['archive']} recorded as seq {r.seq}" for r in run.made)
 
     async def public_key(self, request: web.Request, form: dict[str, str], who: str) -> Any:
         signer = self.m.ledger.signer

@@ -3,7 +3,8 @@
 One database file holds the journal (``records``, never updated or deleted), the request-id
 table for exactly-once (``requests``), the committed head of every chain (``heads``), the
 public keys (``keys``), and the work queues written in the same transaction as each record
-(``outbox`` for sync processors, ``print_jobs`` for printers).
+(``outbox`` for sync processors, ``print_jobs`` for printers), and the gateway-wide events
+held until the first chain exists (``held_events``).
 
 Durability settings: WAL journal, ``synchronous=FULL`` (every commit fsyncs the WAL). Only
 the ledger writer thread writes records (gateway.ledger); readers open their own
@@ -22,7 +23,7 @@ from pathlib import Path
 from gateway.core.errors import IntegrityError, StorageError
 from gateway.core.verify import StoredRecord
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 7
 
 # Each entry migrates from version i to i+1; never edit a shipped migration, add one.
 MIGRATIONS: tuple[str, ...] = (
@@ -140,6 +141,32 @@ MIGRATIONS: tuple[str, ...] = (
         processor  TEXT NOT NULL,
         sent_ms    INTEGER NOT NULL
     );
+    """,
+    # 5: gateway-wide technical events recorded while no chain exists yet (a fresh install
+    # before its first sale): held here, in the order they came, and written by the ledger
+    # writer as the first records of the first chain made, in that chain's first transaction
+    # (docs/events.md, "Which chain"); payload is the event's JSON
+    """
+    CREATE TABLE held_events (
+        id          INTEGER PRIMARY KEY,
+        time_ms     INTEGER NOT NULL,
+        request_id  TEXT NOT NULL UNIQUE,
+        payload     TEXT NOT NULL
+    );
+    """,
+    # 6: batch processors: when the cloud answered 429, no request to it before until_ms
+    # (its Retry-After, bounded; gateway/batch_sync.py), kept so a restart does not send early
+    """
+    CREATE TABLE sync_hold (
+        processor  TEXT PRIMARY KEY,
+        until_ms   INTEGER NOT NULL,
+        reason     TEXT
+    ) WITHOUT ROWID;
+    """,
+    # 7: each chain's technical events, newest first, without reading its sales (the status
+    # page's event list, gateway/technician.py); only event records are in it
+    """
+    CREATE INDEX records_events ON records (chain, seq) WHERE type = 'INTENTION::EVENT';
     """,
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,28 @@ def disk_status(state_dir: Path) -> dict[str, Any]:
     return {"path": str(state_dir), "free_bytes": usage.free, "total_bytes": usage.total}
 
 
+def _newest(r: Reader, sql: str, limit: int) -> list[tuple[Any, ...]]:
+    """The ``limit`` newest rows over all chains, newest first. Within a chain ``seq`` order is
+    time order (record time never goes backward in a chain), so each chain's newest rows are
+    read backward along its primary key — or the events' partial index — and merged here: the
+    cost follows ``limit`` and the number of chains, not the size of the journal."""
+    chains = [c for (c,) in r.conn.execute("SELECT chain FROM heads")]
+    rows = [row for c in chains for row in r.conn.execute(sql, (c, limit))]
+    # rows are (chain, seq, time, ...); order: time DESC, then chain, then seq DESC (stable
+    # sorts, least significant key first)
+    rows.sort(key=lambda row: row[1], reverse=True)
+    rows.sort(key=lambda row: row[0])
+    rows.sort(key=lambda row: row[2], reverse=True)
+    return rows[:limit]
+
+
 def _recent_records(r: Reader) -> list[dict[str, Any]]:
     out = []
-    for chain, seq, type_, time, body in r.conn.execute(
-        "SELECT chain, seq, type, time, body FROM records WHERE type != 'INTENTION::EVENT' "
-        "ORDER BY time DESC, chain, seq DESC LIMIT ?",
-        (RECENT_RECORDS,),
+    for chain, seq, time, type_, body in _newest(
+        r,
+        "SELECT chain, seq, time, type, body FROM records "
+        "WHERE chain = ? AND type != 'INTENTION::EVENT' ORDER BY seq DESC LIMIT ?",
+        RECENT_RECORDS,
     ):
         payload = json.loads(body).get("payload", {})
         lines = payload.get("lines") or []
@@ -68,17 +85,22 @@ def _recent_records(r: Reader) -> list[dict[str, Any]]:
 
 
 def _last_sync_ok(r: Reader) -> dict[str, str]:
-    """Per processor, when its last run that delivered records without a failure started."""
+    """Per processor, when its last run that delivered records and succeeded
+    (``RunStats.succeeded``: nothing failed or rejected, no run error) started. A failed
+    exchange that the run's own retries overcame (``errors_count``) is not a failure: the
+    records went up and nothing was left behind."""
     return {
         p: format_time(ms)
         for p, ms in r.conn.execute(
             "SELECT processor, max(started_ms) FROM sync_runs WHERE accepted > 0 AND failed = 0 "
-            "AND errors_count = 0 AND run_error IS NULL GROUP BY processor"
+            "AND rejected = 0 AND run_error IS NULL GROUP BY processor"
         )
     }
 
 
-def _review_and_events(r: Reader) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _review_and_events(
+    r: Reader, *, with_events: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     # 'rejected': a real-time cloud refused it for good (its chain's uplink stopped);
     # 'review': a batch processor set it aside (gateway.batch_sync). Neither is ever dropped.
     review = [
@@ -88,11 +110,14 @@ def _review_and_events(r: Reader) -> tuple[list[dict[str, Any]], list[dict[str, 
             "WHERE state IN ('rejected', 'review') ORDER BY processor, chain, seq LIMIT 200"
         )
     ]
-    events = []
-    for chain, seq, time, body in r.conn.execute(
-        "SELECT chain, seq, time, body FROM records WHERE type = 'INTENTION::EVENT' "
-        "ORDER BY time DESC, chain, seq DESC LIMIT ?",
-        (RECENT_EVENTS,),
+    events: list[dict[str, Any]] = []
+    if not with_events:
+        return review, events
+    for chain, seq, time, body in _newest(
+        r,
+        "SELECT chain, seq, time, body FROM records "
+        "WHERE chain = ? AND type = 'INTENTION::EVENT' ORDER BY seq DESC LIMIT ?",
+        RECENT_EVENTS,
     ):
         payload = dict(json.loads(body).get("payload", {}))
         code = payload.pop("event", "?")
@@ -100,13 +125,19 @@ def _review_and_events(r: Reader) -> tuple[list[dict[str, Any]], list[dict[str, 
     return review, events
 
 
-async def technician_status(reads: ReadPool, public_pem: str, state_dir: Path) -> dict[str, Any]:
+async def technician_status(
+    reads: ReadPool, public_pem: str, state_dir: Path, *, lists: bool = True
+) -> dict[str, Any]:
     """The ``key``, ``disk``, ``review``, ``events``, ``recent_records`` and
-    ``last_sync_ok`` parts of the status JSON."""
-    review, events = await reads.run(_review_and_events)
-    records = await reads.run(_recent_records)
+    ``last_sync_ok`` parts of the status JSON.
+
+    ``lists=False`` leaves out ``events`` and ``recent_records``, the page's lists, which the
+    MQTT retained status (computed every second, docs/mqtt.md) does not carry; each list costs
+    well under a millisecond whatever the journal's size (:func:`_newest`)."""
+    review, events = await reads.run(partial(_review_and_events, with_events=lists))
+    records = await reads.run(_recent_records) if lists else None
     last_ok = await reads.run(_last_sync_ok)
-    return {
+    out = {
         "key": {"fingerprint_sha256": key_fingerprint(public_pem)},
         "disk": disk_status(state_dir),
         "review": review,
@@ -114,3 +145,6 @@ async def technician_status(reads: ReadPool, public_pem: str, state_dir: Path) -
         "recent_records": records,
         "last_sync_ok": last_ok,
     }
+    if not lists:
+        del out["events"], out["recent_records"]
+    return out

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mqtt_support import Broker
 
 from drivers.signers.software import SoftwareSigner, generate_key
 from gateway.core.record import Record
@@ -237,3 +238,14 @@ def run_cli() -> RunCli:
         )
 
     return run
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[Broker]:
+    """A real Mosquitto on a free port (tests/mqtt_support.py), killed at teardown."""
+    b = Broker(tmp_path / "broker")
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.kill()

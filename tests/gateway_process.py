@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,13 @@ def pos_request(
     reply = json.loads(data)
     assert isinstance(reply, dict), reply
     return reply
+
+
+def held_events(db_path: Path) -> int:
+    """Gateway-wide events held for the first chain (docs/events.md, "Which chain"): the
+    first record of a fresh daemon's first chain comes after them (seq ``held + 1``)."""
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)) as conn:
+        return int(conn.execute("SELECT count(*) FROM held_events").fetchone()[0])
 
 
 def socket_accepts(socket_path: Path) -> bool:

@@ -131,62 +131,30 @@ class RateLimiter:
         return min(ends) if ends else None
 
 
-# ---------------------------------------------------------------------- from the sync status
+# ---------------------------------------------------------------------- sync transitions
 
-#: uplink states of gateway.core.uplink that mean the cloud is not reachable now
-_DOWN = frozenset({"offline"})
-_UP = frozenset({"online"})
 _LEVEL_CODES = {"warning": "OFFLINE_WARNING", "hard": "OFFLINE_LIMIT"}
 
 
-def _chains(status: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    offline = status.get("offline") if isinstance(status, dict) else None
-    processors = offline.get("processors") if isinstance(offline, dict) else None
-    for p in processors if isinstance(processors, list) else []:
-        chains = p.get("chains") if isinstance(p, dict) else None
-        for c in chains if isinstance(chains, list) else []:
-            if isinstance(c, dict) and isinstance(c.get("chain"), str):
-                out[(str(p.get("name")), c["chain"])] = c
-    return out
+def uplink_event(old_state: str, new_state: str) -> str | None:
+    """The event a chain's uplink going from ``old_state`` to ``new_state`` (states of
+    gateway.core.uplink) is: ``UPLINK_OFFLINE`` when it goes down, ``UPLINK_ONLINE`` when it
+    is live again (from offline, or at the end of a replay); None for every other move. At
+    start-up the old state is ``online``, so an uplink restored offline is recorded again and
+    a restart hides nothing."""
+    if new_state == "offline" and old_state != "offline":
+        return "UPLINK_OFFLINE"
+    if new_state == "online" and old_state in ("offline", "replaying"):
+        return "UPLINK_ONLINE"
+    return None
 
 
-def _budget(chain: dict[str, Any]) -> dict[str, Any]:
-    b = chain.get("budget")
-    return b if isinstance(b, dict) else {}
-
-
-def uplink_events(
-    previous: dict[str, Any] | None, current: dict[str, Any]
-) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(code, chain, fields)`` of the events two successive sync statuses show (the
-    ``offline`` part of the status JSON, docs/sync.md): ``UPLINK_OFFLINE`` / ``UPLINK_ONLINE``
-    when a chain's uplink goes down / comes back, ``OFFLINE_WARNING`` / ``OFFLINE_LIMIT`` when
-    its offline budget reaches a level. A bad state seen first (``previous`` None: a start)
-    is an event too, so a restart does not hide it."""
-    before = _chains(previous)
-    out: list[tuple[str, str, dict[str, Any]]] = []
-    for (processor, chain), c in sorted(_chains(current).items()):
-        was = before.get((processor, chain), {})
-        state, old_state = c.get("uplink"), was.get("uplink", "online")
-        if state in _DOWN and old_state not in _DOWN:
-            out.append(
-                ("UPLINK_OFFLINE", chain, {"processor": processor, "error": c.get("last_error")})
-            )
-        elif state in _UP and old_state in _DOWN | {"replaying"}:
-            out.append(("UPLINK_ONLINE", chain, {"processor": processor}))
-        budget = _budget(c)
-        level, old_level = budget.get("level", "ok"), _budget(was).get("level", "ok")
-        if level != old_level and level in _LEVEL_CODES:
-            out.append(
-                (
-                    _LEVEL_CODES[level],
-                    chain,
-                    {
-                        "processor": processor,
-                        "pending_records": budget.get("pending_records"),
-                        "oldest_unsent_age_s": budget.get("oldest_unsent_age_s"),
-                    },
-                )
-            )
-    return out
+def budget_event(old_level: str, new_level: str) -> str | None:
+    """``OFFLINE_WARNING`` / ``OFFLINE_LIMIT`` when a chain's offline budget reaches a worse
+    level (gateway.core.offline_budget levels); None when it stays or gets better."""
+    if new_level != old_level and new_level in _LEVEL_CODES:
+        order = ("ok", "warning", "hard")
+        if old_level in order and order.index(new_level) < order.index(old_level):
+            return None
+        return _LEVEL_CODES[new_level]
+    return None

@@ -161,7 +161,9 @@ class Daemon:
         return "\n".join(parts)
 
     # lifecycle
-    async def start(self) -> None:
+    async def start(self, *, wait_ready: bool = True) -> None:
+        """Start the daemon; wait until it signs (health 200) unless ``wait_ready`` is false
+        (a daemon expected to come up with signing halted)."""
         assert not self.alive(), "already running"
         self.starts += 1
         self.killed = False
@@ -178,7 +180,8 @@ class Daemon:
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         self.proc = self._spawn(argv)
-        await self.wait_ready()
+        if wait_ready:
+            await self.wait_ready()
 
     def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
@@ -292,6 +295,12 @@ class Daemon:
             sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10.0)
         ) as conn:
             return conn.execute(sql, params).fetchall()
+
+    def held_events(self) -> int:
+        """Gateway-wide events held for the first chain (docs/events.md, "Which chain"): a
+        chain's first record comes after them, so on a fresh daemon the first sale's seq is
+        ``held_events() + 1`` (after START and KEY_GENERATED: 3)."""
+        return int(self.query("SELECT count(*) FROM held_events")[0][0])
 
     async def close_session(self) -> None:
         if self._session is not None:

@@ -26,6 +26,7 @@ import pytest
 from gateway_process import (
     GatewayProcess,
     free_port,
+    held_events,
     pos_request,
     sale,
     short_tempdir,
@@ -137,6 +138,7 @@ def test_sdnotify_ready_after_socket_accepts_then_watchdog_then_stopping_exit_0(
         assert not any("READY" in f for t, f, _ in first if t < ready_at)
 
         # the daemon works, and the watchdog keeps coming at WATCHDOG_USEC / 2 (0.5 s)
+        held = held_events(short_dir / "state" / "gateway.db")  # signed with the first sale
         assert pos_request(short_dir / "state" / "pos.sock", sale("n-1"))["ok"]
         time.sleep(3.2)
         now = time.monotonic()
@@ -146,7 +148,7 @@ def test_sdnotify_ready_after_socket_accepts_then_watchdog_then_stopping_exit_0(
         assert all("STATUS" in f for t, f, _ in listener.snapshot() if f.get("WATCHDOG") == "1"), (
             "every watchdog ping carries a STATUS line"
         )
-        assert "1 records since start" in listener.snapshot()[-1][1]["STATUS"]
+        assert f"{held + 1} records since start" in listener.snapshot()[-1][1]["STATUS"]
 
         gw.send_signal(signal.SIGTERM)
         assert gw.wait() == 0, gw.log_text()

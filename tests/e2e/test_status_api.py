@@ -21,11 +21,20 @@ from sync_support import API_KEY, API_SECRET, SYSTEM_ID, make_sim
 from gateway.export import verify_export
 
 TOKEN = "status-api-admin-token-0123456789"
-ADMIN_POSTS = ["process-pending", "retry", "test-page", "reprint", "close-day", "export"]
+ADMIN_POSTS = [
+    "process-pending",
+    "retry",
+    "test-page",
+    "reprint",
+    "close-day",
+    "export",
+    "archive",
+]
 V1_ADMIN = [
     ("POST", "/v1/admin/process-pending"),
     ("GET", "/v1/admin/batch-stats"),
     ("POST", "/v1/admin/sync/resume"),
+    ("POST", "/v1/admin/archive"),
 ]
 
 
@@ -45,16 +54,17 @@ async def test_status_json_and_metrics_match_real_state(
     start_daemon: Any, make_pos_sale: Any, tmp_path: Path
 ) -> None:
     d = await start_daemon(config(tmp_path))
+    held = d.held_events()  # START, KEY_GENERATED: the chain's first records
     for i in range(5):
         assert (await d.request(make_pos_sale(f"m{i}", 630)))["ok"]
     status, st = await d.http_get("/v1/status")
     assert status == 200
     (chain,) = st["chains"]
-    assert (chain["chain"], chain["seq"], chain["totals"]["gross"]) == ("till-1", 5, 3150)
-    assert chain["counters"] == {"TRANSACTION::RECEIPT": 5}
+    assert (chain["chain"], chain["seq"], chain["totals"]["gross"]) == ("till-1", held + 5, 3150)
+    assert chain["counters"] == {"TRANSACTION::RECEIPT": 5, "INTENTION::EVENT": held}
     assert [(r["chain"], r["seq"]) for r in st["recent_records"]][:2] == [
-        ("till-1", 5),
-        ("till-1", 4),
+        ("till-1", held + 5),
+        ("till-1", held + 4),
     ]
     assert st["review"] == [] and st["disk"]["free_bytes"] > 0
     # the fingerprint is what openssl computes from the exported public key
@@ -78,7 +88,7 @@ async def test_status_json_and_metrics_match_real_state(
         text = await resp.text()
     assert metric(text, "fiscal_gateway_sign_latency_seconds_count") == 5
     assert metric(text, "fiscal_gateway_records_signed_total") == st["writer"]["records"]
-    assert metric(text, 'fiscal_gateway_chain_head_seq{chain="till-1"}') == 5
+    assert metric(text, 'fiscal_gateway_chain_head_seq{chain="till-1"}') == held + 5
     assert metric(text, 'fiscal_gateway_printer_state{state="ready"}') == 1
     assert metric(text, "fiscal_gateway_mqtt_connected") == 0
     assert metric(text, 'fiscal_gateway_health{level="green"}') == 1
@@ -91,6 +101,7 @@ async def test_admin_routes_without_credentials_are_refused(
     start_daemon: Any, make_pos_sale: Any, tmp_path: Path
 ) -> None:
     d = await start_daemon(config(tmp_path))
+    held = d.held_events()
     assert (await d.request(make_pos_sale("a1")))["ok"]
     url = d.http_url
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
@@ -117,7 +128,7 @@ async def test_admin_routes_without_credentials_are_refused(
             for form in ({"chain": "till-1", "seq": "1"}, {"csrf": "forged", "chain": "till-1"}):
                 async with http.post(f"{url}/admin/{name}", data=form) as r:
                     assert r.status == 403, name
-        assert d.query("SELECT count(*) FROM records") == [(1,)]
+        assert d.query("SELECT count(*) FROM records") == [(held + 1,)]
         async with http.get(url + "/") as r:
             page = await r.text()
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)
@@ -190,23 +201,34 @@ async def test_status_offline_replay_and_sync_metrics_follow_the_cloud(
     async with make_sim() as sim:
         await sim.down()
         d = await start_daemon(fiskaly_config(tmp_path, sim))
+        unsent = d.held_events() + 3  # the held START, KEY_GENERATED open the chain
         for i in range(3):
             reply = await d.request(make_pos_sale(f"o{i}"))
             assert reply["ok"] and reply["record"]["offline"], reply
+        # till-1 was born offline: the sync engine records UPLINK_OFFLINE in it as well
+        up_sql = (
+            "SELECT count(*) FROM records WHERE chain = 'till-1' AND "
+            "json_extract(CAST(body AS TEXT), '$.payload.event') = 'UPLINK_OFFLINE'"
+        )
+        deadline = time.monotonic() + 20
+        while d.query(up_sql) != [(1,)]:
+            assert time.monotonic() < deadline, "no UPLINK_OFFLINE record"
+            await asyncio.sleep(0.05)
+        (unsent,) = d.query("SELECT count(*) FROM records WHERE chain = 'till-1'")[0]
         async with d.session().get(d.http_url + "/metrics") as r:
             text = await r.text()
-        assert metric(text, 'fiscal_gateway_outbox_depth{processor="france/fiskaly"}') == 3
+        assert metric(text, 'fiscal_gateway_outbox_depth{processor="france/fiskaly"}') == unsent
         assert (
             metric(
                 text, 'fiscal_gateway_replay_remaining{chain="till-1",processor="france/fiskaly"}'
             )
-            == 3
+            == unsent
         )
         assert metric(text, 'fiscal_gateway_health{level="amber"}') == 1
         async with d.session().get(d.http_url + "/fragment") as r:
             html = await r.text()
         assert 'data-level="amber"' in html and "france/fiskaly: cloud offline" in html
-        assert "3 unsent" in html and 'class="last-sync">never<' in html
+        assert f"{unsent} unsent" in html and 'class="last-sync">never<' in html
 
         await sim.up()
         async with d.session().post(d.http_url + "/admin/process-pending", headers=auth) as r:

@@ -21,7 +21,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from gateway_process import GatewayProcess, free_port, pos_request, sale, short_tempdir
+from gateway_process import (
+    GatewayProcess,
+    free_port,
+    held_events,
+    pos_request,
+    sale,
+    short_tempdir,
+)
 
 from drivers.signers.software import generate_key
 from gateway.config import Config, load_config, parse_config
@@ -329,9 +336,10 @@ def test_config_example_starts_daemon_signs_and_stops_0(short_dir: Path, tmp_pat
         cwd=tmp_path,
     ) as gw:
         gw.wait_socket(state / "pos.sock")
+        first = held_events(state / "gateway.db") + 1  # after the held START, KEY_GENERATED
         reply = pos_request(state / "pos.sock", sale("ex-1"))
         assert reply["ok"], reply
-        assert reply["record"]["chain"] == "till-1" and reply["record"]["seq"] == 1
+        assert reply["record"]["chain"] == "till-1" and reply["record"]["seq"] == first
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=10) as resp:
             assert resp.status == 200
         printed = state / "printer" / "virtual-printer.txt"

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from datetime import time as dtime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -194,6 +195,43 @@ async def test_scheduler_month_end_makes_monthly_after_its_daily(
     assert verified(shop.db) == 2
 
 
+async def test_scheduler_fiscal_year_end_local_time_box_off_makes_yearly_summing_monthlies(
+    shop: Shop, make_sale: SaleFactory
+) -> None:
+    # Paris, fiscal year ending 31 March; the box is off over the year end, which falls in
+    # summer time (04:00 CEST = 02:00 UTC), the month before in winter time (03:00 UTC)
+    paris = Scheduler(
+        shop.ledger,
+        shop.reads,
+        Schedule(ZoneInfo("Europe/Paris"), dtime(4, 0), year_end=(3, 31)),
+        clock_ms=shop.clock,
+    )
+    shop.clock.now = ms("2027-02-27T12:00:00+00:00")
+    await shop.sell(make_sale, 100)
+    shop.clock.now = ms("2027-03-01T09:00:00+00:00")
+    february = await paris.catch_up()
+    assert [r.type for r in february][-1] == MONTHLY
+    assert february[-1].payload["period"]["to_time"] == "2027-03-01T03:00:00.000Z"
+    shop.clock.now = ms("2027-03-15T12:00:00+00:00")
+    await paris.catch_up()
+    await shop.sell(make_sale, 250)
+    shop.clock.now = ms("2027-04-02T12:00:00+00:00")  # off from 15 March to 2 April
+
+    made = await paris.catch_up()
+
+    kinds = [r.type for r in made]
+    assert kinds.count(YEARLY) == 1 and kinds.count(MONTHLY) == 1
+    yearly = next(r for r in made if r.type == YEARLY)
+    march = next(r for r in made if r.type == MONTHLY)
+    assert yearly.payload["period"]["to_time"] == "2027-04-01T02:00:00.000Z"  # true period
+    assert kinds.index(YEARLY) == kinds.index(MONTHLY) + 1  # after the month it closes
+    assert yearly.payload["closings"] == {"type": MONTHLY, "from_number": 1, "to_number": 2}
+    monthly_totals = [february[-1].payload["period_total"], march.payload["period_total"]]
+    assert yearly.payload["period_total"]["gross"] == 350 == sum(t["gross"] for t in monthly_totals)
+    assert yearly.payload["period"]["from_seq"] == 1
+    assert verified(shop.db) == len(shop.records(DAILY)) + 3
+
+
 async def test_scheduler_requested_closing_after_boundary_wins_no_double(
     shop: Shop, make_sale: SaleFactory
 ) -> None:
@@ -329,7 +367,10 @@ async def test_archive_cli_archives_pending_then_nothing(
         await shop.sell(make_sale, 100)
         await shop.ask({"id": "y1", "op": "close", "till": "till-1", "period": "YEARLY"})
         busy = run_cli("archive", "--db", db_path, "--period", "YEARLY")
-        assert busy.returncode == 1 and "stop it to archive by hand" in busy.stderr
+        # the journal is held (by a daemon, here by this ledger): the command says how to ask
+        # the daemon through its admin API instead, and changes nothing
+        assert busy.returncode == 1 and "the daemon is running" in busy.stderr
+        assert "/v1/admin/archive" in busy.stderr
     finally:
         reads.close()
         await ledger.close()

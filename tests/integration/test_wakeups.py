@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
-from gateway.wakeups import wait_event
+from gateway.wakeups import run_forever, wait_event
 
 
 async def test_wait_event_set_returns_true_timeout_returns_false() -> None:
@@ -33,3 +34,36 @@ async def test_wait_event_cancel_racing_wakeup_still_cancels() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 5.0)
+
+
+async def test_run_forever_triggers_survives_a_failed_run_and_stops_on_cancel() -> None:
+    wake = asyncio.Event()
+    triggers: list[str] = []
+    seen, started = asyncio.Event(), asyncio.Event()
+
+    async def run_once(trigger: str) -> None:
+        triggers.append(trigger)
+        started.set()
+        if len(triggers) >= 4:
+            seen.set()
+        if trigger == "start":
+            raise RuntimeError("a bad run")  # logged; the loop goes on
+
+    task = asyncio.create_task(
+        run_forever(
+            run_once,
+            wake,
+            lambda: 0.0 if len(triggers) >= 2 else 30.0,
+            lambda: "schedule",
+            what="test run",
+            log=logging.getLogger("test"),
+        )
+    )
+    await asyncio.wait_for(started.wait(), 5.0)
+    wake.set()  # woken while waiting its 30 s: a "signed" run (after the failed run's pause)
+    await asyncio.wait_for(seen.wait(), 30.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5.0)
+    assert triggers[:2] == ["start", "signed"]
+    assert set(triggers[2:]) == {"schedule"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from datetime import time as dtime
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -27,7 +26,7 @@ from gateway.core.closing import (
     parse_year_end,
 )
 from gateway.core.errors import ValidationError
-from gateway.core.events import RateLimiter, event_payload, uplink_events
+from gateway.core.events import RateLimiter, event_payload
 from gateway.core.ops import validate_close
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -232,30 +231,3 @@ def test_event_payload_unknown_code_or_reserved_field_raises() -> None:
         event_payload("NO_SUCH_EVENT", {})
     with pytest.raises(ValueError):
         event_payload("START", {"count": 3})
-
-
-def sync_status(uplink: str, level: str = "ok", error: str | None = None) -> dict[str, Any]:
-    budget = {"level": level, "pending_records": 12, "oldest_unsent_age_s": 3.5}
-    chain = {"chain": "till-1", "uplink": uplink, "last_error": error, "budget": budget}
-    return {"offline": {"processors": [{"name": "france/fiskaly", "chains": [chain]}]}}
-
-
-def test_uplink_events_follow_the_sync_status_transitions() -> None:
-    assert uplink_events(None, sync_status("online")) == []
-    down = uplink_events(sync_status("online"), sync_status("offline", "warning", "timeout"))
-    assert down == [
-        ("UPLINK_OFFLINE", "till-1", {"processor": "france/fiskaly", "error": "timeout"}),
-        (
-            "OFFLINE_WARNING",
-            "till-1",
-            {"processor": "france/fiskaly", "pending_records": 12, "oldest_unsent_age_s": 3.5},
-        ),
-    ]
-    assert [
-        e[0]
-        for e in uplink_events(sync_status("offline", "warning"), sync_status("offline", "hard"))
-    ] == ["OFFLINE_LIMIT"]
-    assert uplink_events(sync_status("offline"), sync_status("replaying")) == []
-    back = uplink_events(sync_status("replaying"), sync_status("online"))
-    assert back == [("UPLINK_ONLINE", "till-1", {"processor": "france/fiskaly"})]
-    assert [e[0] for e in uplink_events(None, sync_status("offline"))] == ["UPLINK_OFFLINE"]
