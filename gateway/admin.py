@@ -19,7 +19,9 @@ archives (docs/operations.md, "Archives while the daemon runs").
 - ``POST /v1/admin/archive`` ``{"period": "MONTHLY"|"YEARLY", "chain"?}``: archive every
   closing of that type (of that chain, or of every chain) that has no archive yet, through
   the daemon's ledger writer (gateway.archive, docs/export-format.md "Archives"): **200**
-  with ``archives[]``; **409** ``CONFLICT`` when there is nothing to archive; **400**
+  with ``archives[]`` (and ``skipped[]``: closings over 366 days, never one archive);
+  **409** ``CONFLICT`` when there is nothing to archive (details ``PERIOD_TOO_LONG`` when
+  all that waits is such a closing); **400**
   ``VALIDATION_ERROR`` / **404** ``NOT_FOUND`` (no such chain) with ``details[]`` naming the
   field; **500** (**207** if some were made) with ``failed[]`` when an archive could not be
   written. A refused request changes nothing and records nothing.
@@ -281,13 +283,30 @@ class AdminApi:
                 "SIGNING_HALTED": 503,
             }.get(exc.code, 500)
             return web.json_response({"error": exc.to_json()}, status=status)
+        skipped = [
+            {"chain": t.chain, "closing": t.closing(), "reason": why} for t, why in run.skipped
+        ]
         if not run.made and not run.failed:
             where = f"of {chain}" if chain is not None else "of any chain"
-            nothing = Conflict(
-                f"nothing to archive: no {period} closing {where} is without its archive",
-                [Detail("period", f"no {period} closing waits for an archive", "NOTHING_TO_DO")],
-            )
-            return web.json_response({"error": nothing.to_json()}, status=409)
+            if skipped:
+                nothing = Conflict(
+                    f"nothing archived: {len(skipped)} {period} closing(s) {where} span more "
+                    f"than 366 days and cannot be one archive: {skipped[0]['reason']}",
+                    [Detail("period", s["reason"], "PERIOD_TOO_LONG") for s in skipped],
+                )
+            else:
+                nothing = Conflict(
+                    f"nothing to archive: no {period} closing {where} is without its archive",
+                    [
+                        Detail(
+                            "period", f"no {period} closing waits for an archive", "NOTHING_TO_DO"
+                        )
+                    ],
+                )
+            body409: dict[str, Any] = {"error": nothing.to_json()}
+            if skipped:
+                body409["skipped"] = skipped
+            return web.json_response(body409, status=409)
         archives = [
             {
                 "chain": r.chain,
@@ -311,6 +330,8 @@ class AdminApi:
             archives=[a["archive"] for a in archives],
         )
         body: dict[str, Any] = {"period": period, "archives": archives}
+        if skipped:
+            body["skipped"] = skipped
         if failed:
             body["failed"] = failed
             body["error"] = {

@@ -5,7 +5,9 @@ monthly or yearly closing's period up to that closing, so it holds the period's 
 every closing that covers them, plus ``references.jsonl`` (the previous closings and any sale
 a record of the period refers to outside it) and an ``archive`` section in the signed
 manifest naming the closing. :func:`gateway.export.verify_export` checks all of it, every
-closing total included. A period spans at most 366 days.
+closing total included. A period spans at most 366 days: a longer closing (a first fiscal
+year of more than twelve months, a yearly closing made after the box was off for over a year)
+is not archived as one — it is reported as skipped, and the monthly archives cover its records.
 
 Once written and checked, the archive is recorded in the chain by an ``EXPORT::RECORDS``
 record holding the manifest's hash — the manifest lists the SHA-256 of every file — so a
@@ -28,12 +30,12 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.core.closing import KINDS, MONTHLY, YEARLY
-from gateway.core.errors import GatewayError, StorageError
+from gateway.core.errors import Conflict, Detail, GatewayError, StorageError
 from gateway.core.record import Record, parse_time
 from gateway.export import ExportInvalid, export, verify_export
 from gateway.ledger import Entry, Ledger, Signed, Signer
@@ -71,6 +73,17 @@ class Target:
     def closing(self) -> dict[str, Any]:
         return {"type": self.kind, "number": self.number, "seq": self.seq, "hash": self.hash}
 
+    def too_long(self) -> str | None:
+        """Why this closing cannot be archived as one (its period is over 366 days), or None."""
+        span = parse_time(self.period["to_time"]) - parse_time(self.period["from_time"])
+        if span <= MAX_SPAN_MS:
+            return None
+        return (
+            f"{self.chain} {self.kind} {self.number} spans {span // 86_400_000} days; an archive "
+            "holds at most 366: the MONTHLY archives cover its records "
+            "(fiscal-gateway archive --period MONTHLY)"
+        )
+
 
 def pending(r: Reader, kind: str, chain: str | None = None) -> list[Target]:
     """Closings of ``kind`` not archived yet (by chain, then number)."""
@@ -104,12 +117,14 @@ def pending(r: Reader, kind: str, chain: str | None = None) -> list[Target]:
 
 @dataclass(frozen=True, slots=True)
 class ArchiveRun:
-    """What one archive run did: the ``EXPORT::RECORDS`` records made, and the closings
-    whose archive failed (with why)."""
+    """What one archive run did: the ``EXPORT::RECORDS`` records made, the closings whose
+    archive failed (with why; a retry may work), and those skipped because their period is too
+    long for one archive (with why; :meth:`Target.too_long`, never made)."""
 
     root: Path
     made: list[Record]
     failed: list[tuple[Target, str]]
+    skipped: list[tuple[Target, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +138,9 @@ class Written:
 
 def write_archive(db: Path, root: Path, signer: Signer, target: Target, now_ms: int) -> Written:
     """Write and check the archive of ``target`` (blocking: run it in a thread)."""
-    span = parse_time(target.period["to_time"]) - parse_time(target.period["from_time"])
-    if span > MAX_SPAN_MS:
-        raise StorageError(
-            f"{target.chain} {target.kind} {target.number} spans {span // 86_400_000} days; "
-            "an archive holds at most 366 (archive its monthly closings instead)"
-        )
+    why = target.too_long()
+    if why is not None:
+        raise Conflict(why, [Detail("period", why, "PERIOD_TOO_LONG")])
     out = root / target.name
     if (out / "manifest.json").exists():
         try:
@@ -206,7 +218,13 @@ class Archiver:
         targets = await self.reads.run(lambda r: pending(r, self.kind, chain))
         made: list[Record] = []
         failed: list[tuple[Target, str]] = []
+        skipped: list[tuple[Target, str]] = []
         for t in targets:
+            why = t.too_long()
+            if why is not None:
+                log.warning("archive of %s %s %d skipped: %s", t.chain, t.kind, t.number, why)
+                skipped.append((t, why))
+                continue
             try:
                 w = await asyncio.to_thread(
                     write_archive,
@@ -239,7 +257,7 @@ class Archiver:
                 signed.record.seq,
             )
             made.append(signed.record)
-        return ArchiveRun(self.root, made, failed)
+        return ArchiveRun(self.root, made, failed, skipped)
 
 
 def find_recorded(r: Reader, chain: str, manifest_hash: str) -> dict[str, Any] | None:

@@ -185,17 +185,23 @@ def cmd_archive(args: argparse.Namespace) -> int:
                 print(f"error: signing is halted: {ledger.halted}", file=sys.stderr)
                 return EXIT_FAIL
             archiver = Archiver(ledger, reads, root, PERIODS[args.period], clock_ms=_now_ms)
-            made = await archiver.run_due(args.chain)
+            run = await archiver.run(args.chain)
         finally:
             reads.close()
             await ledger.close()
-        for rec in made:
+        for rec in run.made:
             p = rec.payload
             print(
                 f"{root / p['archive']}: {p['records']} records, {p['closing']['type']} "
                 f"{p['closing']['number']}, recorded as {rec.chain} seq {rec.seq}"
             )
-        if not made:
+        for _, why in run.skipped:
+            print(f"skipped: {why}")
+        for t, why in run.failed:
+            print(f"error: {t.chain} {t.kind} {t.number}: {why}", file=sys.stderr)
+        if run.failed:
+            return EXIT_FAIL
+        if not run.made and not run.skipped:
             print(f"nothing to archive: every {args.period} closing has its archive")
         return EXIT_OK
 
@@ -275,9 +281,12 @@ def _archive_through_daemon(args: argparse.Namespace) -> int:
             f"{a['path']}: {a['records']} records, {c['type']} {c['number']}, "
             f"recorded as {a['chain']} seq {a['recorded_seq']} (by the running daemon)"
         )
+    for sk in reply.get("skipped", []):
+        print(f"skipped: {sk['reason']}")
     err = reply.get("error")
     if status == 409 and err and err.get("code") == "CONFLICT":
-        print(err["message"])
+        if not reply.get("skipped"):
+            print(err["message"])
         return EXIT_OK
     if err:
         print(f"error: {err.get('code')}: {err.get('message')}", file=sys.stderr)

@@ -520,9 +520,13 @@ class StatusPage:
         if run.failed:
             t, why = run.failed[0]
             raise ActionRefused(f"{len(run.failed)} archive(s) failed: {t.chain}: {why}")
+        skipped = [f"skipped: {why}" for _, why in run.skipped]
         if not run.made:
+            if skipped:
+                raise ActionRefused("nothing archived; " + "; ".join(skipped))
             raise ActionRefused(f"nothing to archive: every {period} closing has its archive")
-        return "; ".join(f"{r.payload['archive']} recorded as seq {r.seq}" for r in run.made)
+        made = [f"{r.payload['archive']} recorded as seq {r.seq}" for r in run.made]
+        return "; ".join(made + skipped)
 
     async def public_key(self, request: web.Request, form: dict[str, str], who: str) -> Any:
         signer = self.m.ledger.signer

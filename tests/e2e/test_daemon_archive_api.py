@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
+
+from tests.journal_support import long_first_year
 
 Daemon = Any  # tests/e2e/conftest.py
 StartDaemon = Callable[..., Any]
@@ -18,6 +22,7 @@ RunCli = Callable[..., subprocess.CompletedProcess[str]]
 
 TOKEN = "archive-admin-token-0123456789"
 URL = "/v1/admin/archive"
+EXPORTS = "SELECT count(*) FROM records WHERE type = 'EXPORT::RECORDS'"
 
 
 def config(tmp_path: Path) -> tuple[str, Path]:
@@ -184,3 +189,55 @@ async def test_admin_archive_api_unwritable_archive_dir_500_records_nothing_then
     assert status == 200 and len(reply["archives"]) == 1
     checked = run_cli("verify-export", reply["archives"][0]["path"], "--db", d.db_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_admin_archive_api_yearly_over_366_days_409_skipped_monthly_200(
+    start_daemon: StartDaemon,
+    make_sale: Any,
+    signer: Any,
+    key_path: Path,
+    run_cli: RunCli,
+    tmp_path: Path,
+) -> None:
+    """A journal whose first fiscal year ran thirteen months (made beforehand on a clock
+    thirteen months back): the YEARLY archive is refused as a conflict naming the closing,
+    changes nothing, and says to archive the months, which works."""
+    db = tmp_path / "long.db"
+    yearly = await long_first_year(db, signer, make_sale)
+    text, token = config(tmp_path)
+    text += f'[ledger]\ndatabase = "{db}"\n[signing]\nkey_file = "{key_path}"\n'
+    d = await start_daemon(text)
+
+    def exports() -> int:  # the daemon's journal is the one made above, not d.db_path
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)) as conn:
+            return int(conn.execute(EXPORTS).fetchone()[0])
+
+    status, reply = await post(d, {"period": "YEARLY"})
+    assert (status, reply["error"]["code"]) == (409, "CONFLICT"), reply
+    assert "span more than 366 days" in reply["error"]["message"]
+    (detail,) = reply["error"]["details"]
+    assert (detail["field"], detail["code"]) == ("period", "PERIOD_TOO_LONG")
+    (skipped,) = reply["skipped"]
+    assert skipped["closing"]["seq"] == yearly["seq"] and skipped["chain"] == "till-1"
+    assert "--period MONTHLY" in skipped["reason"]
+    assert exports() == 0 and not (d.state_dir / "archives").exists()
+    # the command through the daemon and the status page's action say the same
+    args = ("--db", db, "--url", d.http_url, "--token-file", token, "--period", "YEARLY")
+    cli = run_cli("archive", *args)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "skipped: till-1 CLOSING::YEARLY 1 spans 404 days" in cli.stdout
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    form = {"period": "YEARLY"}
+    async with d.session().post(d.http_url + "/admin/archive", data=form, headers=auth) as r:
+        page = await r.json()
+    assert (r.status, page["outcome"]) == (409, "refused"), page
+    assert "nothing archived; skipped: till-1 CLOSING::YEARLY 1" in page["message"]
+    assert exports() == 0
+
+    status, reply = await post(d, {"period": "MONTHLY"})
+    assert status == 200 and len(reply["archives"]) == 14 and "skipped" not in reply, reply
+    assert exports() == 14
+    status, reply = await post(d, {"period": "YEARLY"})  # still refused, the same way
+    assert status == 409 and reply["skipped"][0]["closing"]["number"] == 1
+    assert exports() == 14
+    assert await d.stop() == 0

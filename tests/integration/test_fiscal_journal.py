@@ -33,6 +33,7 @@ from gateway.events import EventJournal, spool_event
 from gateway.ledger import Ledger
 from gateway.reads import ReadPool
 from gateway.store import Reader
+from tests.journal_support import long_first_year
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 SaleFactory = Callable[..., dict[str, Any]]
@@ -476,3 +477,73 @@ def test_config_journal_bad_values_named_with_their_field_path() -> None:
     }
     ok = parse_config({"journal": {"time_zone": "Europe/Paris", "closing_time": ""}})
     assert ok.journal.time_zone == "Europe/Paris" and ok.journal.closing_time == ""
+
+
+async def test_archive_yearly_over_366_days_skipped_monthlies_cover_it(
+    db_path: Path,
+    signer: SoftwareSigner,
+    make_sale: SaleFactory,
+    key_path: Path,
+    tmp_path: Path,
+    run_cli: RunCli,
+) -> None:
+    """A first fiscal year of thirteen months cannot be one archive (≤ 366 days): the run
+    says so and records nothing, it is not a failure, and the monthly archives hold every
+    record of that year."""
+    yearly = await long_first_year(db_path, signer, make_sale)
+    period = yearly["payload"]["period"]
+    assert parse_time(period["to_time"]) - parse_time(period["from_time"]) > 366 * 86_400_000
+    root = tmp_path / "archives"
+    ledger = await Ledger.open(db_path, signer)
+    reads = ReadPool(db_path)
+    try:
+        run = await Archiver(ledger, reads, root, YEARLY, clock_ms=_wall_ms).run()
+        assert run.made == [] and run.failed == []
+        ((target, why),) = run.skipped
+        assert (target.kind, target.number, target.seq) == (YEARLY, 1, yearly["seq"])
+        assert "spans 404 days" in why and "--period MONTHLY" in why
+        assert not root.exists()  # nothing half-written
+        monthly = await Archiver(ledger, reads, root, MONTHLY, clock_ms=_wall_ms).run()
+        assert monthly.failed == [] and monthly.skipped == []
+    finally:
+        reads.close()
+        await ledger.close()
+    assert len(monthly.made) == 14  # thirteen months and the year's last day
+    covered = {
+        json.loads(line)["body"]["seq"]
+        for d in (root / "till-1").iterdir()
+        for line in (d / "records.jsonl").read_bytes().splitlines()
+    }
+    assert covered >= set(range(period["from_seq"], period["to_seq"] + 1))
+
+    again = run_cli("archive", "--db", db_path, "--period", "YEARLY", "--key", key_path)
+    assert again.returncode == 0, again.stderr
+    assert "skipped: till-1 CLOSING::YEARLY 1 spans 404 days" in again.stdout
+    assert "nothing to archive" not in again.stdout
+    with Reader(db_path) as r:
+        assert [t.number for t in pending(r, YEARLY)] == [1]  # still not archived, and said so
+    assert verified(db_path) > 0
+
+
+def _wall_ms() -> int:
+    return ms("2026-11-22T10:00:00+00:00")
+
+
+async def test_archive_cli_failed_archive_exits_1_names_it_records_nothing(
+    shop: Shop, make_sale: SaleFactory, key_path: Path, tmp_path: Path, run_cli: RunCli
+) -> None:
+    """With the daemon stopped, an archive that cannot be written (``--out`` is a file) is
+    an error on stderr and exit 1 — not "nothing to archive" — and nothing is recorded."""
+    await shop.sell(make_sale, 100)
+    await shop.ask({"id": "m1", "op": "close", "till": "till-1", "period": "MONTHLY"})
+    await shop.ledger.close()
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the archive root should be")
+
+    r = run_cli("archive", "--db", shop.db, "--key", key_path, "--out", blocked)
+
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "error: till-1 CLOSING::MONTHLY 1:" in r.stderr
+    assert "nothing to archive" not in r.stdout
+    with Reader(shop.db) as rd:
+        assert [t.number for t in pending(rd, MONTHLY)] == [1]
