@@ -338,6 +338,11 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         for r in records:
             print(f"chain {r.chain}: seq {r.seq} announces key {new.key_id}")
+        if not records:
+            print(
+                f"no chain yet: key {new.key_id} replaces {old.key_id}, which signed nothing; "
+                "a KEY_GENERATED event saying so is held for the first chain"
+            )
         return EXIT_OK
 
     rc = asyncio.run(rotate())

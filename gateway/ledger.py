@@ -82,6 +82,9 @@ from gateway.store import Reader, connect, migrate, quick_check, warm_page_cache
 
 log = logging.getLogger("gateway.ledger")
 
+#: The technical event of a key that signs first (gateway.core.events, docs/events.md).
+KEY_GENERATED = "KEY_GENERATED"
+
 
 class Signer(Protocol):
     key_id: str
@@ -477,26 +480,39 @@ class Ledger:
                 raise SigningHalted(f"signing is halted: {self.halted}")
             if self._heads:
                 return sorted(self._heads)
-            now = self.clock_ms()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                for request_id, payload in items:
-                    conn.execute(
-                        "INSERT OR IGNORE INTO held_events (time_ms, request_id, payload) "
-                        "VALUES (?, ?, ?)",
-                        (now, request_id, canonical_bytes(payload).decode("utf-8")),
-                    )
-                conn.execute("COMMIT")
-                self._held = _load_held(conn)
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                self.halt(f"storage failure: {exc}")
-                raise StorageError(f"events not held: storage failure: {exc}") from exc
+            self._hold(conn, items)
             return []
 
         chains: list[str] = await self.control(hold)
         return chains
+
+    def _hold(
+        self,
+        conn: sqlite3.Connection,
+        items: Sequence[tuple[str, dict[str, Any]]],
+        *,
+        also: Callable[[], None] | None = None,
+    ) -> None:
+        """Commit ``items`` to ``held_events`` (writer thread, no chain yet), with ``also``
+        (more statements) in the same transaction; a storage failure halts signing."""
+        now = self.clock_ms()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for request_id, payload in items:
+                conn.execute(
+                    "INSERT OR IGNORE INTO held_events (time_ms, request_id, payload) "
+                    "VALUES (?, ?, ?)",
+                    (now, request_id, canonical_bytes(payload).decode("utf-8")),
+                )
+            if also is not None:
+                also()
+            conn.execute("COMMIT")
+            self._held = _load_held(conn)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self.halt(f"storage failure: {exc}")
+            raise StorageError(f"events not held: storage failure: {exc}") from exc
 
     async def submit(self, entry: Entry) -> Signed:
         """Append one record (or return the stored one for a repeated request id)."""
@@ -552,11 +568,32 @@ class Ledger:
         All of it runs in the writer thread between two groups: no other record can fall
         between an announcement and the switch (it would be signed by the retired key), and
         a chain started while the rotation was queued is announced too.
+
+        With no chain yet the old key signed nothing and there is nothing to announce in: the
+        new key simply becomes the journal's key, and a ``KEY_GENERATED`` event naming the
+        key it replaces (``replaces_key_id``) is held for the first chain, committed together
+        with the new key's registration. Returns ``[]`` then.
         """
         stamp = uuid.uuid4().hex[:12]
 
         def rotate(conn: sqlite3.Connection) -> list[Outcome]:
             old = self.signer
+            if self.halted is not None:
+                raise SigningHalted(f"signing is halted: {self.halted}")
+            if not self._heads:
+                payload = {
+                    "event": KEY_GENERATED,
+                    "key_id": new_signer.key_id,
+                    "replaces_key_id": old.key_id,
+                    "by": "rotate-key",
+                }
+                self._hold(
+                    conn,
+                    [(f"key-rotation-{stamp}", payload)],
+                    also=lambda: self._register_key(conn, new_signer),
+                )
+                self.signer = new_signer
+                return []
             entries = tuple(
                 Entry(
                     chain,

@@ -346,3 +346,52 @@ async def test_rotate_key_cli_halted_journal_refuses_and_keeps_key_files(
         assert r.returncode == 1
         assert "error: signing is halted" in r.stderr and "records lost" in r.stderr
     assert load_signer(key_path).key_id == signer.key_id
+
+
+async def test_rotate_key_cli_before_any_chain_holds_key_generated_for_the_first(
+    db_path: Path,
+    signer: SoftwareSigner,
+    key_path: Path,
+    make_entry: EntryFactory,
+    run_cli: RunCli,
+) -> None:
+    """A box rotated before its first sale: the old key signed nothing, so there is no chain
+    to announce in. The new key becomes the journal's key and the first chain opens with a
+    KEY_GENERATED event naming the key it replaced; everything is signed by the new key."""
+    led = await Ledger.open(db_path, signer)
+    await led.close()
+
+    r = run_cli("rotate-key", "--db", db_path, "--key", key_path)
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    new = load_signer(key_path)
+    assert new.key_id != signer.key_id
+    assert f"no chain yet: key {new.key_id} replaces {signer.key_id}" in r.stdout
+    with closing(sqlite3.connect(db_path)) as conn:
+        held = [json.loads(p) for (p,) in conn.execute("SELECT payload FROM held_events")]
+        stored_keys = {k for (k,) in conn.execute("SELECT key_id FROM keys")}
+        assert conn.execute("SELECT count(*) FROM records").fetchone() == (0,)
+    assert held == [
+        {
+            "event": "KEY_GENERATED",
+            "key_id": new.key_id,
+            "replaces_key_id": signer.key_id,
+            "by": "rotate-key",
+        }
+    ]
+    assert new.key_id in stored_keys
+
+    led = await Ledger.open(db_path, new)
+    try:
+        assert led.halted is None
+        sale = (await led.submit(make_entry("first", till="till-1"))).record
+    finally:
+        await led.close()
+    assert sale.seq == 2 and sale.key_id == new.key_id
+    with closing(sqlite3.connect(db_path)) as conn:
+        (first,) = conn.execute("SELECT key_id, body FROM records WHERE seq = 1").fetchall()
+    assert first[0] == new.key_id
+    assert json.loads(first[1])["payload"]["replaces_key_id"] == signer.key_id
+    v = run_cli("verify", "--db", db_path)
+    assert v.returncode == 0, v.stdout
+    assert "verified 2 records" in v.stdout
