@@ -171,6 +171,8 @@ class BatchProcessor:
         self.last_run: RunStats | None = None
         self.last_run_at_ms: int | None = None
         self.sent_ms: list[int] = []
+        #: outbox items of this processor in state ``review``: read from the table in every
+        #: write's own transaction (never counted by hand), so it cannot drift
         self.review_count = 0
         self.next_wake_ms: int | None = None
         self.last_error: str | None = None
@@ -186,30 +188,38 @@ class BatchProcessor:
                 "SELECT sent_ms FROM sync_rate WHERE processor = ?", (self.id,)
             )
         ]
-        (self.review_count,) = conn.execute(
-            "SELECT count(*) FROM outbox WHERE processor = ? AND state = 'review'", (self.id,)
-        ).fetchone()
+        self.review_count = self._count_review(conn)
         row = conn.execute(
             "SELECT until_ms FROM sync_hold WHERE processor = ?", (self.id,)
         ).fetchone()
         self.hold_until_ms = row[0] if row else 0
 
+    def _count_review(self, conn: sqlite3.Connection) -> int:
+        (n,) = conn.execute(
+            "SELECT count(*) FROM outbox WHERE processor = ? AND state = 'review'", (self.id,)
+        ).fetchone()
+        return int(n)
+
     async def _write(self, fn: Any) -> Any:
+        """Run ``fn(conn)`` in one write transaction (the ledger's writer thread); the
+        review count is read again in it (an index probe: ``outbox_pending``)."""
         ledger = self.engine.ledger
         assert ledger is not None
 
-        def tx(conn: sqlite3.Connection) -> Any:
+        def tx(conn: sqlite3.Connection) -> tuple[Any, int]:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 out = fn(conn)
+                review = self._count_review(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-            return out
+            return out, review
 
-        return await ledger.control(tx)
+        out, self.review_count = await ledger.control(tx)
+        return out
 
     def _stamp(self) -> str:
         return format_time(self.engine.clock_ms())
@@ -293,7 +303,6 @@ class BatchProcessor:
 
         written: list[tuple[str, int, ItemResult]] = await self._write(fn)
         review = [(c, s, r) for c, s, r in written if r.state == REVIEW]
-        self.review_count += len(review)
         for chain, seq, r in review:
             await sync_report.rejected(
                 self.engine, pid, chain, seq, r.error or "rejected", attempt=batch_ref
@@ -616,7 +625,6 @@ class BatchProcessor:
             )
 
         await self._write(fn)
-        self.review_count += sum(1 for r in rows if r[2] == "review")
 
     async def _record_batch(self, ref: str, sub: Submission, batch: list[_Item]) -> _Open:
         """The submit answered: its batch id replaces the local reference (``open``)."""
@@ -741,7 +749,6 @@ class BatchProcessor:
 
         n = await self._write(fn)
         if n:
-            self.review_count -= n
             self.wake.set()
         return bool(n)
 
@@ -761,7 +768,6 @@ class BatchProcessor:
             return cur.rowcount
 
         n = await self._write(fn)
-        self.review_count -= n
         return bool(n)
 
     def status(self) -> dict[str, Any]:
