@@ -12,12 +12,24 @@ module leaves to the drivers: URLs, headers and bodies.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
+from gateway.core.batch_policy import Limits
 from gateway.core.errors import CloudAuthFailed, CloudBusy, CloudRejected, CloudUnavailable
 from gateway.core.sync_policy import AUTH, BUSY, OK, PERMANENT, classify_status
+
+
+class HttpSettings(Protocol):
+    """What :class:`HttpBatchUplink` reads of a driver's settings."""
+
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def connect_timeout_s(self) -> float: ...
+    @property
+    def total_timeout_s(self) -> float: ...
 
 
 class BatchHttp:
@@ -66,3 +78,25 @@ class BatchHttp:
         if cls == PERMANENT:
             raise CloudRejected(message, status)
         raise CloudUnavailable(message)
+
+
+class HttpBatchUplink:
+    """The lifecycle every batch driver shares: its limits, one :class:`BatchHttp` (opened by
+    ``start``, closed by ``close``) and its failed-exchange count (a run's ``errors_count``).
+    A driver adds ``processor_id``, ``document``, ``submit`` and ``poll``."""
+
+    def __init__(self, settings: HttpSettings) -> None:
+        self.limits = settings.limits
+        self.http = BatchHttp(
+            connect_timeout_s=settings.connect_timeout_s, total_timeout_s=settings.total_timeout_s
+        )
+
+    @property
+    def errors(self) -> int:
+        return self.http.errors
+
+    async def start(self) -> None:
+        await self.http.start()
+
+    async def close(self) -> None:
+        await self.http.close()

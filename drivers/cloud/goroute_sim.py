@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 from aiohttp import web
 
-from drivers.cloud.fiskaly_sim import FaultPlan
-from drivers.cloud.loopback import LoopbackServer, serve
+from drivers.cloud.loopback import LoopbackOptions, LoopbackServer, serve
 from gateway.core.batch_policy import GOROUTE_DUPLICATE
 from gateway.core.ubl import NS, missing_elements
 
@@ -45,23 +43,13 @@ class GoRouteSim(LoopbackServer):
         self,
         *,
         api_keys: set[str],
-        clock: Callable[[], float] | None = None,
-        faults: FaultPlan | None = None,
         max_docs: int = 100,
         max_batch_bytes: int = 50 * 1024 * 1024,
         max_doc_bytes: int = 15 * 1024 * 1024,
-        rate_limit: int = 10,
-        rate_window_s: float = 60.0,
         async_polls: int = 2,
-        retry_after_format: str = "seconds",
+        **common: Unpack[LoopbackOptions],
     ) -> None:
-        super().__init__(
-            **({"clock": clock} if clock else {}),
-            faults=faults,
-            rate_limit=rate_limit,
-            rate_window_s=rate_window_s,
-            retry_after_format=retry_after_format,
-        )
+        super().__init__(**common)
         self.api_keys = api_keys
         self.max_docs = max_docs
         self.max_batch_bytes = max_batch_bytes

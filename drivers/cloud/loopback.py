@@ -29,18 +29,28 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, TypedDict
 
 from aiohttp import web
 
 from drivers.cloud.fiskaly_sim import FaultPlan
 
 
+class LoopbackOptions(TypedDict, total=False):
+    """What every simulator takes for :class:`LoopbackServer` (its own options aside)."""
+
+    clock: Callable[[], float] | None
+    faults: FaultPlan | None
+    rate_limit: int
+    rate_window_s: float
+    retry_after_format: str
+
+
 class LoopbackServer:
     def __init__(
         self,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         faults: FaultPlan | None = None,
         rate_limit: int = 10,
         rate_window_s: float = 60.0,
@@ -48,7 +58,7 @@ class LoopbackServer:
     ) -> None:
         if retry_after_format not in ("seconds", "date"):
             raise ValueError(f"retry_after_format must be seconds or date: {retry_after_format}")
-        self._clock = clock
+        self._clock = clock or time.time
         self.rate_limit = rate_limit
         self.rate_window_s = rate_window_s
         self.retry_after_format = retry_after_format

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.cloud.batch_http import BatchHttp
+from drivers.cloud.batch_http import HttpBatchUplink
 from gateway.batch_sync import Document, DocumentRefused, ItemResult, Submission
 from gateway.core.batch_policy import DUPLICATE, PENDING, REVIEW, Limits, classify_sifen
 from gateway.core.cdc import CdcError, Issuer, derive_cdc
@@ -68,26 +68,13 @@ def item_result(item: dict[str, Any]) -> ItemResult:
     return ItemResult(state, str(item.get("cdc")), error)
 
 
-class SifenUplink:
+class SifenUplink(HttpBatchUplink):
     processor_id = PROCESSOR_ID
 
     def __init__(self, settings: SifenSettings) -> None:
         settings.issuer.validate()
+        super().__init__(settings)
         self.settings = settings
-        self.limits = settings.limits
-        self.http = BatchHttp(
-            connect_timeout_s=settings.connect_timeout_s, total_timeout_s=settings.total_timeout_s
-        )
-
-    @property
-    def errors(self) -> int:
-        return self.http.errors
-
-    async def start(self) -> None:
-        await self.http.start()
-
-    async def close(self) -> None:
-        await self.http.close()
 
     def document(self, record: Record) -> Document | None:
         if record.type not in TYPES:

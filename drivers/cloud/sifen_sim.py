@@ -23,13 +23,11 @@ drivers/cloud/sifen.py), for tests and demo.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 from aiohttp import web
 
-from drivers.cloud.fiskaly_sim import FaultPlan
-from drivers.cloud.loopback import LoopbackServer, serve
+from drivers.cloud.loopback import LoopbackOptions, LoopbackServer, serve
 from gateway.core.batch_policy import SIFEN_DUPLICATE_CDC
 from gateway.core.cdc import valid_cdc
 
@@ -42,22 +40,12 @@ class SifenSim(LoopbackServer):
         *,
         tokens: set[str],
         emisor: str,
-        clock: Callable[[], float] | None = None,
-        faults: FaultPlan | None = None,
         max_docs: int = 50,
         max_lote_bytes: int = 1_000_000,
-        rate_limit: int = 10,
-        rate_window_s: float = 60.0,
         processing_polls: int = 1,
-        retry_after_format: str = "seconds",
+        **common: Unpack[LoopbackOptions],
     ) -> None:
-        super().__init__(
-            **({"clock": clock} if clock else {}),
-            faults=faults,
-            rate_limit=rate_limit,
-            rate_window_s=rate_window_s,
-            retry_after_format=retry_after_format,
-        )
+        super().__init__(**common)
         self.tokens = tokens
         self.emisor = emisor
         self.max_docs = max_docs
