@@ -587,9 +587,10 @@ class Ledger:
                     "replaces_key_id": old.key_id,
                     "by": "rotate-key",
                 }
+                # named by the two keys: a rotation cut short and run again holds it once
                 self._hold(
                     conn,
-                    [(f"key-rotation-{stamp}", payload)],
+                    [(f"key-rotation-{old.key_id}-{new_signer.key_id}", payload)],
                     also=lambda: self._register_key(conn, new_signer),
                 )
                 self.signer = new_signer

@@ -380,6 +380,14 @@ async def test_rotate_key_cli_before_any_chain_holds_key_generated_for_the_first
         }
     ]
     assert new.key_id in stored_keys
+    # cut short after the journal committed, before the key files were switched: run again
+    led = await Ledger.open(db_path, signer)
+    try:
+        assert await led.rotate_key(new) == []
+    finally:
+        await led.close()
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT count(*) FROM held_events").fetchone() == (1,)
 
     led = await Ledger.open(db_path, new)
     try:
