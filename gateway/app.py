@@ -7,7 +7,8 @@ up with signing halted and health 503 so a technician can see why), then listene
 ``READY=1``. ``SIGTERM``/``SIGINT``: ``STOPPING=1``, stop accepting, let in-flight requests
 finish and reply (up to ``gateway.stop_timeout_s``), let the writer commit what is queued,
 checkpoint, close, exit 0. ``SIGHUP``: reopen the log file and reload what is safe to reload
-(log level, allowed tills); everything else needs a restart and is logged as such.
+(log level, allowed tills, the MQTT till ACL); everything else needs a restart and is logged
+as such.
 """
 
 from __future__ import annotations
@@ -469,17 +470,34 @@ class App:
         if new.tills != self.cfg.tills:
             self.dispatcher.allowed_tills = frozenset(new.tills.allowed)
             log.info("allowed tills reloaded: %s", ", ".join(new.tills.allowed) or "any")
-        # Only [tills] and [logging] apply live; every other section (including ones added
-        # later) keeps its running value until a restart.
+        # [mqtt.acl] applies live when MQTT runs (the rest of [mqtt] needs a restart)
+        mqtt = self.cfg.mqtt
+        if self.mqtt is not None and new.mqtt.acl != mqtt.acl:
+            acl = self.mqtt.reload_acl(new.mqtt.acl)
+            mqtt = dataclasses.replace(mqtt, acl=new.mqtt.acl)
+            log.info(
+                "mqtt.acl reloaded: %s",
+                f"{len(acl.entries)} account(s), {len(acl.tills)} till(s)"
+                if acl.configured
+                else "none (any till the broker lets through)",
+            )
+        # Only [tills], [logging] and [mqtt.acl] apply live; every other section (including
+        # ones added later) keeps its running value until a restart.
         for f in dataclasses.fields(Config):
-            if f.name not in ("tills", "logging", "source_sha256") and getattr(
-                new, f.name
-            ) != getattr(self.cfg, f.name):
+            running = mqtt if f.name == "mqtt" else getattr(self.cfg, f.name)
+            if (
+                f.name not in ("tills", "logging", "source_sha256")
+                and getattr(new, f.name) != running
+            ):
                 log.warning("config section [%s] changed; restart to apply it", f.name)
         if self.journal is not None:
             self.journal.config_reloaded(self.cfg.source_sha256, new.source_sha256)
         self.cfg = dataclasses.replace(
-            self.cfg, tills=new.tills, logging=new.logging, source_sha256=new.source_sha256
+            self.cfg,
+            tills=new.tills,
+            logging=new.logging,
+            mqtt=mqtt,
+            source_sha256=new.source_sha256,
         )
 
     # ------------------------------------------------------------------ stopping

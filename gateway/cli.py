@@ -391,7 +391,7 @@ def cmd_mqtt_acl(args: argparse.Namespace) -> int:
         "one password per account (add -c to the first to create the file; the gateway's",
         "password also goes in the file named by mqtt.password_file):",
         *(f"  mosquitto_passwd {args.password_file} {u}" for u in users),
-        "then reload Mosquitto (systemctl reload mosquitto, or SIGHUP) and restart the gateway.",
+        "then reload Mosquitto (systemctl reload mosquitto, or SIGHUP) and the gateway (SIGHUP).",
     ]
     text = render_mosquitto_acl(
         Topics(cfg.mqtt.prefix, cfg.gateway.id),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -219,6 +220,14 @@ class MqttTransport:
         self.busy = 0
         self.refused_acl = 0
         self.last_error: str | None = None
+
+    def reload_acl(self, entries: tuple[tuple[str, tuple[str, ...]], ...]) -> TillAcl:
+        """Serve by a new ``[mqtt.acl]`` from the next request on (the daemon's SIGHUP); the
+        broker's acl_file is reloaded apart (``fiscal-gateway mqtt-acl``, docs/mqtt.md)."""
+        self.acl = TillAcl(entries)
+        self.settings = dataclasses.replace(self.settings, acl=entries)
+        self._refused_at.clear()  # a till refused again under the new table is news
+        return self.acl
 
     @property
     def broker(self) -> str:

@@ -17,7 +17,7 @@ Pure: no file, no broker. Validation with field paths is in gateway.config.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.core.mqtt_topics import Topics
 
@@ -27,14 +27,15 @@ class TillAcl:
     """``(user, tills)`` pairs in configuration order; empty means no ACL configured."""
 
     entries: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: every till some account is given (made once: :meth:`allows` runs per request)
+    tills: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tills", frozenset(t for _, ts in self.entries for t in ts))
 
     @property
     def configured(self) -> bool:
         return bool(self.entries)
-
-    @property
-    def tills(self) -> frozenset[str]:
-        return frozenset(t for _, tills in self.entries for t in tills)
 
     def allows(self, till: str) -> bool:
         """May a request for ``till`` be served? Always, when no ACL is configured."""
@@ -60,7 +61,7 @@ def render_mosquitto_acl(
         "# written by `fiscal-gateway mqtt-acl`"
         + (f" from {source}" if source else "")
         + " ([mqtt.acl]). Do not edit: change [mqtt.acl],",
-        "# render again, then reload Mosquitto (SIGHUP) and restart the gateway.",
+        "# render again, then reload Mosquitto (SIGHUP) and the gateway (SIGHUP).",
         *(f"# {n}".rstrip() for n in notes),
         "",
         f"# the gateway ([mqtt] username = {gateway_user!r})",

@@ -12,6 +12,7 @@ import asyncio
 import json
 import shlex
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -267,3 +268,52 @@ async def test_mqtt_docs_try_it_commands_work_as_written(broker: Broker, start_d
             if p.returncode is None:
                 p.terminate()
                 await asyncio.wait_for(p.wait(), 10)
+
+
+async def test_mqtt_daemon_sighup_reloads_acl_live_rest_of_mqtt_needs_restart(
+    broker: Broker, start_daemon: Any
+) -> None:
+    """``[mqtt.acl]`` changes apply on SIGHUP, from the next request on, without dropping the
+    broker connection; another ``[mqtt]`` change in the same file is reported, not applied.
+    (This broker has no acl_file: the gateway's own check is what refuses.)"""
+    base = broker.gateway_config()
+    d = await start_daemon(base + '[mqtt.acl]\nacct-1 = ["till-1"]\n')
+    assert d.config_path is not None and d.proc is not None
+
+    def log_lines() -> list[str]:
+        lines = [json.loads(x) for x in d.stderr_text().splitlines() if x.startswith("{")]
+        return [str(r.get("msg", "")) for r in lines]
+
+    async with Till(broker.port, "till-1") as t1, Till(broker.port, "till-2") as t2:
+        assert (await t1.request(sale("a1")))["ok"]
+        refused = await t2.request(sale("b1", till="till-2"))
+        assert refused["error"]["code"] == "UNKNOWN_TILL", refused
+        connects = (await t1.request({"id": "q1", "op": "status", "till": "till-1"}))["status"][
+            "mqtt"
+        ]["connects"]
+
+        d.config_path.write_text(base + '[mqtt.acl]\nacct-1 = ["till-1"]\nstore = ["till-2"]\n')
+        d.proc.send_signal(signal.SIGHUP)
+        await wait_until(
+            lambda: "mqtt.acl reloaded: 2 account(s), 2 till(s)" in log_lines(),
+            what="the ACL reloaded",
+        )
+        signed = await t2.request(sale("b2", till="till-2"))
+        assert signed["ok"] and signed["record"]["chain"] == "till-2", signed
+        mqtt = (await t1.request({"id": "q2", "op": "status", "till": "till-1"}))["status"]["mqtt"]
+        assert mqtt["acl"] == {"tills": 2, "refused": 1} and mqtt["connects"] == connects
+        assert not any("restart to apply" in m for m in log_lines())
+
+        # the ACL goes, and keepalive_s changes in the same file: the first applies, the
+        # second is only reported
+        d.config_path.write_text(broker.gateway_config(keepalive_s=45))
+        d.proc.send_signal(signal.SIGHUP)
+        await wait_until(
+            lambda: "config section [mqtt] changed; restart to apply it" in log_lines(),
+            what="the restart warning",
+        )
+        assert "mqtt.acl reloaded: none (any till the broker lets through)" in log_lines()
+        async with Till(broker.port, "till-3") as t3:  # no ACL: any till is served again
+            assert (await t3.request(sale("c1", till="till-3")))["ok"]
+        mqtt = (await t1.request({"id": "q3", "op": "status", "till": "till-1"}))["status"]["mqtt"]
+        assert mqtt["acl"] is None and mqtt["connects"] == connects
