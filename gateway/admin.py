@@ -289,24 +289,20 @@ class AdminApi:
         if not run.made and not run.failed:
             where = f"of {chain}" if chain is not None else "of any chain"
             if skipped:
-                nothing = Conflict(
+                message = (
                     f"nothing archived: {len(skipped)} {period} closing(s) {where} span more "
-                    f"than 366 days and cannot be one archive: {skipped[0]['reason']}",
-                    [Detail("period", s["reason"], "PERIOD_TOO_LONG") for s in skipped],
+                    f"than 366 days and cannot be one archive: {skipped[0]['reason']}"
                 )
+                details = [Detail("period", s["reason"], "PERIOD_TOO_LONG") for s in skipped]
             else:
-                nothing = Conflict(
-                    f"nothing to archive: no {period} closing {where} is without its archive",
-                    [
-                        Detail(
-                            "period", f"no {period} closing waits for an archive", "NOTHING_TO_DO"
-                        )
-                    ],
-                )
-            body409: dict[str, Any] = {"error": nothing.to_json()}
+                message = f"nothing to archive: no {period} closing {where} is without its archive"
+                details = [
+                    Detail("period", f"no {period} closing waits for an archive", "NOTHING_TO_DO")
+                ]
+            refused: dict[str, Any] = {"error": Conflict(message, details).to_json()}
             if skipped:
-                body409["skipped"] = skipped
-            return web.json_response(body409, status=409)
+                refused["skipped"] = skipped
+            return web.json_response(refused, status=409)
         archives = [
             {
                 "chain": r.chain,
