@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from datetime import time as dtime
 from pathlib import Path
 from typing import Any
@@ -33,16 +33,12 @@ from gateway.events import EventJournal, spool_event
 from gateway.ledger import Ledger
 from gateway.reads import ReadPool
 from gateway.store import Reader
-from tests.journal_support import long_first_year
+from tests.journal_support import long_first_year, ms
 
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
 SaleFactory = Callable[..., dict[str, Any]]
 
 DAY = 86_400_000
-
-
-def ms(text: str) -> int:
-    return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
 class Clock:
