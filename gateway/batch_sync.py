@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import time
 import uuid
@@ -225,8 +226,16 @@ class BatchProcessor:
         return format_time(self.engine.clock_ms())
 
     def _held(self) -> bool:
-        """A 429's Retry-After has not passed: send nothing (the loop wakes at its end)."""
-        if self.engine.clock_ms() < self.hold_until_ms:
+        """A 429's Retry-After has not passed: send nothing (the loop wakes at its end).
+
+        The hold is a wall-clock time; if the clock was set back since it was written, it
+        would last the step as well: it never reaches further than ``retry_after_max_s``
+        from now."""
+        now = self.engine.clock_ms()
+        self.hold_until_ms = min(
+            self.hold_until_ms, now + math.ceil(self.settings.retry_after_max_s * 1000)
+        )
+        if now < self.hold_until_ms:
             self.next_wake_ms = self.hold_until_ms
             return True
         return False
@@ -257,8 +266,10 @@ class BatchProcessor:
         pid = self.id
 
         def fn(conn: sqlite3.Connection) -> list[tuple[str, int, ItemResult]]:
+            # items this batch took while unsure (an earlier submit may have reached the
+            # cloud): a duplicate of one is ours, and one that fails stays unsure
             unsure: set[tuple[str, int]] = set()
-            if any(r.state == DUPLICATE for _, _, r in results):
+            if any(r.state in (DUPLICATE, FAILED) for _, _, r in results):
                 row = conn.execute(
                     "SELECT items FROM sync_batches WHERE processor = ? AND batch_id = ?",
                     (pid, batch_ref),
@@ -293,11 +304,13 @@ class BatchProcessor:
                         (r.error, stamp, pid, chain, seq),
                     )
                 elif r.state == FAILED:
-                    # r.ref: UNSURE when the cloud may still take it (a batch timeout)
+                    # UNSURE when the cloud may still take it: this batch timed out, or an
+                    # earlier submit of the item is still without a verdict
+                    maybe = r.ref == UNSURE or (chain, seq) in unsure
                     conn.execute(
                         "UPDATE outbox SET state = 'pending', cloud_ref = ?, last_error = ?, "
                         "updated_at = ? WHERE processor = ? AND chain = ? AND seq = ?",
-                        (r.ref if r.ref == UNSURE else None, r.error, stamp, pid, chain, seq),
+                        (UNSURE if maybe else None, r.error, stamp, pid, chain, seq),
                     )
             return out
 

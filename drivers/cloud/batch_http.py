@@ -11,7 +11,9 @@ module leaves to the drivers: URLs, headers and bodies.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import aiohttp
@@ -19,6 +21,20 @@ import aiohttp
 from gateway.core.batch_policy import Limits
 from gateway.core.errors import CloudAuthFailed, CloudBusy, CloudRejected, CloudUnavailable
 from gateway.core.sync_policy import AUTH, BUSY, OK, PERMANENT, classify_status
+
+
+@contextlib.contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Around the parsing of a cloud's answer: an answer of an unexpected shape (a ``null``
+    list, an item that is not an object, ...) is an unusable answer — :class:`CloudUnavailable`,
+    retried like one, the poll timeout still counting — never an exception that aborts the run.
+    """
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CloudUnavailable(
+            f"{what}: answer of an unexpected shape ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 class HttpSettings(Protocol):

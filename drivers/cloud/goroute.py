@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.cloud.batch_http import HttpBatchUplink
+from drivers.cloud.batch_http import HttpBatchUplink, reading
 from gateway.batch_sync import Document, DocumentRefused, ItemResult, Submission
 from gateway.core.batch_policy import PENDING, Limits, classify_goroute
 from gateway.core.errors import CloudUnavailable
@@ -99,20 +99,22 @@ class GoRouteUplink(HttpBatchUplink):
         batch_id = answer.get("batch_id") if isinstance(answer, dict) else None
         if not isinstance(batch_id, str) or not batch_id:
             raise CloudUnavailable(f"batch answer without batch_id: {str(answer)[:200]}")
-        results = {
-            str(item["id"]): item_result(item)
-            for item in answer.get("results", [])
-            if isinstance(item, dict) and "id" in item
-        }
+        with reading(f"POST {url}"):
+            results = {
+                str(item["id"]): item_result(item)
+                for item in answer.get("results") or []
+                if isinstance(item, dict) and "id" in item
+            }
         return Submission(batch_id, results)
 
     async def poll(self, batch_id: str, doc_ids: list[str]) -> dict[str, ItemResult]:
         url = f"{self.settings.base_url}/api/v1/batches/{batch_id}"
         _, answer = await self.http.call("GET", url, {"X-API-Key": self.settings.api_key})
         out = {}
-        for item in answer.get("results", []) if isinstance(answer, dict) else []:
-            if isinstance(item, dict) and "id" in item:
-                r = item_result(item)
-                if r.state != PENDING:
-                    out[str(item["id"])] = r
+        with reading(f"GET {url}"):
+            for item in answer.get("results", []) if isinstance(answer, dict) else []:
+                if isinstance(item, dict) and "id" in item:
+                    r = item_result(item)
+                    if r.state != PENDING:
+                        out[str(item["id"])] = r
         return out

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.cloud.batch_http import HttpBatchUplink
+from drivers.cloud.batch_http import HttpBatchUplink, reading
 from gateway.batch_sync import Document, DocumentRefused, ItemResult, Submission
 from gateway.core.batch_policy import DUPLICATE, PENDING, REVIEW, Limits, classify_sifen
 from gateway.core.cdc import CdcError, Issuer, derive_cdc
@@ -107,9 +107,10 @@ class SifenUplink(HttpBatchUplink):
         body = json.dumps({"lote": batch_id}).encode("utf-8")
         _, answer = await self.http.call("POST", url, self._headers(), body)
         out = {}
-        for item in answer.get("resultados", []) if isinstance(answer, dict) else []:
-            if isinstance(item, dict) and "cdc" in item:
-                r = item_result(item)
-                if r.state != PENDING:
-                    out[str(item["cdc"])] = r
+        with reading(f"POST {url}"):
+            for item in answer.get("resultados", []) if isinstance(answer, dict) else []:
+                if isinstance(item, dict) and "cdc" in item:
+                    r = item_result(item)
+                    if r.state != PENDING:
+                        out[str(item["cdc"])] = r
         return out

@@ -103,9 +103,15 @@ def hold_ms(retry_after_s: float | None, *, default_s: float, max_s: float) -> i
     return math.ceil(round(min(max(wait_s, 0.0), max_s) * 1000, 3))
 
 
+def _recent(sent_ms: Iterable[int], now_ms: int, window_ms: int) -> list[int]:
+    """The send times inside the window, sorted. One later than now (the clock was set back
+    since) counts as sent now: it did happen, but must not hold the bucket past one window."""
+    return sorted(min(t, now_ms) for t in sent_ms if t > now_ms - window_ms)
+
+
 def rate_wait_ms(sent_ms: Sequence[int], now_ms: int, *, limit: int, window_ms: int) -> int:
     """How long to wait before one more batch may go (0: now). ``sent_ms``: send times."""
-    recent = sorted(t for t in sent_ms if t > now_ms - window_ms)
+    recent = _recent(sent_ms, now_ms, window_ms)
     if len(recent) < limit:
         return 0
     return recent[len(recent) - limit] + window_ms - now_ms
@@ -113,7 +119,7 @@ def rate_wait_ms(sent_ms: Sequence[int], now_ms: int, *, limit: int, window_ms: 
 
 def rate_keep(sent_ms: Iterable[int], now_ms: int, *, limit: int, window_ms: int) -> list[int]:
     """The send times worth keeping (the last ``limit`` inside the window)."""
-    recent = sorted(t for t in sent_ms if t > now_ms - window_ms)
+    recent = _recent(sent_ms, now_ms, window_ms)
     return recent[-limit:]
 
 
