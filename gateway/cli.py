@@ -319,7 +319,8 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
         """The journal committed the rotation to ``new`` but the key files were not switched."""
         probe = await Ledger.open(args.db, new)
         try:
-            return probe.halted is None and bool(probe.heads())
+            announced = bool(probe.heads()) or probe.held_key_id() == new.key_id
+            return probe.halted is None and announced
         finally:
             await probe.close()
 

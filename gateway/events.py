@@ -275,7 +275,10 @@ class EventJournal:
             try:
                 data = json.loads(await asyncio.to_thread(path.read_bytes))
                 chain = data["chain"]
-                fields = dict(data["payload"])
+                # record-safe like any event (a spool file is written by other processes)
+                fields = plain(data["payload"])
+                if not isinstance(fields, dict):
+                    raise TypeError("payload is not an object")
                 payload = event_payload(fields.pop("event"), fields)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("spooled event %s unreadable (%s); set aside", path.name, exc)

@@ -236,6 +236,9 @@ class Ledger:
         self._heads: dict[str, ChainHead] = {}
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        #: close() has begun: nothing more is queued (it would land behind the stop marker,
+        #: where the writer may never look). Set and read on the event loop's thread.
+        self._closing = False
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._commits_since_checkpoint = 0
@@ -276,6 +279,7 @@ class Ledger:
             self._register_key(conn, self.signer)
             self._load_and_check_heads(conn)
             self._held = _load_held(conn)
+            self._check_held_key()
         except IntegrityError as exc:
             self.halt(exc.message)
         except BaseException as exc:
@@ -421,6 +425,7 @@ class Ledger:
 
     async def close(self) -> None:
         """Finish everything queued, checkpoint, close. Idempotent."""
+        self._closing = True
         if self._thread is not None:
             self._q.put(_STOP)
             await asyncio.to_thread(self._thread.join)
@@ -446,6 +451,11 @@ class Ledger:
     def writer_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _check_open(self) -> None:
+        """Refuse work the writer would never take: before open, or once close() began."""
+        if self._closing or not self.writer_alive:
+            raise SigningHalted("the ledger is not running")
+
     def halt(self, reason: str) -> None:
         if self.halted is None:
             log.error("signing halted: %s", reason)
@@ -460,6 +470,28 @@ class Ledger:
     def held(self) -> tuple[HeldEvent, ...]:
         """The gateway-wide events held until the first chain exists (a snapshot)."""
         return self._held
+
+    def held_key_id(self) -> str | None:
+        """With no chain yet: the key the newest held ``KEY_GENERATED`` names — the key the
+        first chain will say it is signed by (a generated key, or one ``rotate-key`` put in
+        place). None when no such event is held."""
+        for h in reversed(self._held):
+            if h.payload.get("event") == KEY_GENERATED:
+                key = h.payload.get("key_id")
+                return key if isinstance(key, str) else None
+        return None
+
+    def _check_held_key(self) -> None:
+        """No chain yet, but a held ``KEY_GENERATED`` names another key than the configured
+        one: the first chain would open saying one key and be signed by another (a key file
+        replaced by hand, or a ``rotate-key`` cut short before it switched the key files)."""
+        key = None if self._heads else self.held_key_id()
+        if key is not None and key != self.signer.key_id:
+            raise IntegrityError(
+                f"the journal has no chain yet, but its key is {key} (the KEY_GENERATED event "
+                f"held for the first chain) and the configured key is {self.signer.key_id}: "
+                f"configure key {key}, or run an interrupted 'fiscal-gateway rotate-key' again"
+            )
 
     def latest_time_ms(self) -> int | None:
         """The latest record time of the journal, held events included (None: empty)."""
@@ -496,21 +528,24 @@ class Ledger:
         """Commit ``items`` to ``held_events`` (writer thread, no chain yet), with ``also``
         (more statements) in the same transaction; a storage failure halts signing."""
         now = self.clock_ms()
+        # canonical first, outside the transaction: an event that cannot be signed (a float,
+        # say) is refused alone and leaves no transaction open behind it
+        rows = [(now, rid, canonical_bytes(p).decode("utf-8")) for rid, p in items]
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for request_id, payload in items:
-                conn.execute(
-                    "INSERT OR IGNORE INTO held_events (time_ms, request_id, payload) "
-                    "VALUES (?, ?, ?)",
-                    (now, request_id, canonical_bytes(payload).decode("utf-8")),
-                )
+            conn.executemany(
+                "INSERT OR IGNORE INTO held_events (time_ms, request_id, payload) VALUES (?, ?, ?)",
+                rows,
+            )
             if also is not None:
                 also()
             conn.execute("COMMIT")
             self._held = _load_held(conn)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.Error):
+                raise
             self.halt(f"storage failure: {exc}")
             raise StorageError(f"events not held: storage failure: {exc}") from exc
 
@@ -533,8 +568,7 @@ class Ledger:
         """
         if self.halted is not None:
             raise SigningHalted(f"signing is halted: {self.halted}")
-        if self._thread is None:
-            raise SigningHalted("the ledger is not running")
+        self._check_open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Outcome]] = loop.create_future()
         self._q.put(_Job(tuple(entries), atomic, stop_on_error, loop, fut))
@@ -542,6 +576,7 @@ class Ledger:
 
     async def control(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``fn(conn)`` in the writer thread between groups (e.g. a key rotation)."""
+        self._check_open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._q.put(_Control(fn, loop, fut))
@@ -555,8 +590,7 @@ class Ledger:
         ``fn`` runs in a savepoint: if it raises, only its own changes are undone and the
         exception is this call's; it must not BEGIN or COMMIT. Returns ``fn``'s result once
         committed."""
-        if not self.writer_alive:  # nobody would ever take it from the queue
-            raise SigningHalted("the ledger is not running")
+        self._check_open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._q.put(_Deferred(fn, loop, fut, time.monotonic() + self.defer_max_s))

@@ -261,3 +261,65 @@ async def test_held_events_filling_a_block_budget_are_written_though_the_opener_
     codes = [b["payload"].get("event", b["type"]) for b in chain_bodies(db_path)]
     assert codes == ["START", "KEY_GENERATED", "TRANSACTION::RECEIPT"]
     verify_ok(db_path)
+
+
+async def test_held_event_that_cannot_be_signed_is_refused_alone_signing_goes_on(
+    db_path: Path, signer: SoftwareSigner, make_entry: EntryFactory, tmp_path: Path
+) -> None:
+    """An event with a float in it cannot be a record: holding it fails by itself (no
+    transaction left open behind it), and the next sale signs. A spooled event written by
+    another process with a float is made record-safe like any event (a decimal string)."""
+    clock = Clock(T0)
+    spool = tmp_path / "events"
+    ledger = await Ledger.open(db_path, signer, clock_ms=clock)
+    events = EventJournal(window_s=60, clock_ms=clock, spool_dir=spool)
+    events.bind(ledger)
+    try:
+        bad = {"event": "EXPORT_MADE", "mb": 1.5}
+        try:
+            await ledger.hold_events([("float-1", bad)])
+        except GatewayError:
+            pass
+        else:
+            raise AssertionError("an event with a float was held")
+        assert ledger.halted is None and held_rows(db_path) == []
+        spool.mkdir(mode=0o700)
+        (spool / "0001-other.json").write_text(
+            json.dumps({"chain": None, "payload": {"event": "EXPORT_MADE", "mb": 1.5}})
+        )
+        assert await events.ingest_spool() == 1
+        assert [json.loads(p)["mb"] for _, _, p in held_rows(db_path)] == ["1.500"]
+        sale = await ledger.submit(make_entry("s1"))
+        assert sale.record.seq == 2 and ledger.halted is None
+    finally:
+        await ledger.close()
+    verify_ok(db_path)
+
+
+async def test_no_chain_yet_a_key_other_than_the_held_key_generated_halts_at_open(
+    db_path: Path, signer: SoftwareSigner, make_entry: EntryFactory, tmp_path: Path
+) -> None:
+    """The first chain must not open saying one key (the held KEY_GENERATED) and be signed
+    by another: a key file replaced by hand, or a rotate-key cut short before it switched the
+    key files, halts at open with the way out; the announced key signs."""
+    from drivers.signers.software import generate_key
+
+    other = generate_key(tmp_path / "other" / "signing.pem")
+    ledger = await Ledger.open(db_path, signer)
+    try:
+        await ledger.hold_events([("start-1", {"event": "KEY_GENERATED", "key_id": signer.key_id})])
+    finally:
+        await ledger.close()
+    wrong = await Ledger.open(db_path, other)
+    try:
+        assert wrong.halted is not None
+        assert f"its key is {signer.key_id}" in wrong.halted and "rotate-key" in wrong.halted
+    finally:
+        await wrong.close()
+    right = await Ledger.open(db_path, signer)
+    try:
+        assert right.halted is None and right.held_key_id() == signer.key_id
+        assert (await right.submit(make_entry("s1"))).record.key_id == signer.key_id
+    finally:
+        await right.close()
+    verify_ok(db_path)

@@ -102,3 +102,37 @@ async def test_write_soon_still_waiting_is_written_at_close(
     assert await asyncio.wait_for(soon, 10) == "ok"
     with closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT v FROM probe_close").fetchall() == [("written",)]
+
+
+async def test_work_asked_once_close_began_is_refused_not_left_waiting(
+    db_path: Path, signer: SoftwareSigner, make_entry: Callable[..., object]
+) -> None:
+    """While close() finishes what was queued (a slow deferred write here), a new
+    write_soon, control (held events) or submit would land behind the stop marker where the
+    writer never looks: each is refused at once; what was queued before still completes."""
+    import time as _time
+
+    from gateway.core.errors import SigningHalted
+
+    led = await Ledger.open(db_path, signer, defer_max_s=60.0)
+
+    def slow(conn: sqlite3.Connection) -> str:
+        _time.sleep(0.3)  # a big accepted-mark update, say
+        return "slow done"
+
+    queued = asyncio.create_task(led.write_soon(slow))
+    await asyncio.sleep(0.05)
+    closing_task = asyncio.create_task(led.close())
+    await asyncio.sleep(0.1)  # the writer is busy with its final deferred write
+    late: list[Awaitable[object]] = [
+        led.write_soon(lambda conn: "late"),
+        led.hold_events([("late-ev", {"event": "STOP"})]),
+        led.submit(make_entry("late-sale")),  # type: ignore[arg-type]
+    ]
+    for call in late:
+        with pytest.raises(SigningHalted):
+            await asyncio.wait_for(call, 5)
+    assert await asyncio.wait_for(queued, 5) == "slow done"
+    await asyncio.wait_for(closing_task, 5)
+    with pytest.raises(SigningHalted):  # and after close
+        await asyncio.wait_for(led.hold_events([("x", {"event": "STOP"})]), 5)

@@ -380,14 +380,6 @@ async def test_rotate_key_cli_before_any_chain_holds_key_generated_for_the_first
         }
     ]
     assert new.key_id in stored_keys
-    # cut short after the journal committed, before the key files were switched: run again
-    led = await Ledger.open(db_path, signer)
-    try:
-        assert await led.rotate_key(new) == []
-    finally:
-        await led.close()
-    with closing(sqlite3.connect(db_path)) as conn:
-        assert conn.execute("SELECT count(*) FROM held_events").fetchone() == (1,)
 
     led = await Ledger.open(db_path, new)
     try:
@@ -403,3 +395,42 @@ async def test_rotate_key_cli_before_any_chain_holds_key_generated_for_the_first
     v = run_cli("verify", "--db", db_path)
     assert v.returncode == 0, v.stdout
     assert "verified 2 records" in v.stdout
+
+
+async def test_rotate_key_cli_before_any_chain_cut_short_run_again_finishes_it(
+    db_path: Path,
+    signer: SoftwareSigner,
+    key_path: Path,
+    make_entry: EntryFactory,
+    run_cli: RunCli,
+) -> None:
+    """The rotation committed (new key registered, KEY_GENERATED held) but the process died
+    before switching the key files: the old key no longer opens the journal (the first chain
+    would say one key and be signed by another), and running rotate-key again switches the
+    files and holds the event once."""
+    new_path = key_path.with_name(key_path.name + ".new")
+    new = generate_key(new_path)
+    led = await Ledger.open(db_path, signer)
+    try:
+        assert await led.rotate_key(new) == []
+    finally:
+        await led.close()
+    stale = await Ledger.open(db_path, signer)
+    try:
+        assert stale.halted is not None and new.key_id in stale.halted
+    finally:
+        await stale.close()
+
+    r = run_cli("rotate-key", "--db", db_path, "--key", key_path)
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"already announces key {new.key_id}" in r.stdout
+    assert load_signer(key_path).key_id == new.key_id and not new_path.exists()
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT count(*) FROM held_events").fetchone() == (1,)
+    led = await Ledger.open(db_path, load_signer(key_path))
+    try:
+        assert led.halted is None
+        assert (await led.submit(make_entry("first", till="till-1"))).record.seq == 2
+    finally:
+        await led.close()
