@@ -482,10 +482,17 @@ class Ledger:
         return None
 
     def _check_held_key(self) -> None:
-        """No chain yet, but a held ``KEY_GENERATED`` names another key than the configured
-        one: the first chain would open saying one key and be signed by another (a key file
-        replaced by hand, or a ``rotate-key`` cut short before it switched the key files)."""
-        key = None if self._heads else self.held_key_id()
+        """No chain yet, but ``rotate-key`` committed another key than the configured one
+        (cut short before it switched the key files): the first chain would open saying one
+        key and be signed by another. (A generated key that was lost before anything was
+        signed is not this: the daemon generates and announces the next one.)"""
+        if self._heads:
+            return
+        last = next(
+            (h.payload for h in reversed(self._held) if h.payload.get("event") == KEY_GENERATED),
+            None,
+        )
+        key = last.get("key_id") if last is not None and last.get("by") == "rotate-key" else None
         if key is not None and key != self.signer.key_id:
             raise IntegrityError(
                 f"the journal has no chain yet, but its key is {key} (the KEY_GENERATED event "

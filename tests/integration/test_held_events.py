@@ -299,15 +299,36 @@ async def test_held_event_that_cannot_be_signed_is_refused_alone_signing_goes_on
 async def test_no_chain_yet_a_key_other_than_the_held_key_generated_halts_at_open(
     db_path: Path, signer: SoftwareSigner, make_entry: EntryFactory, tmp_path: Path
 ) -> None:
-    """The first chain must not open saying one key (the held KEY_GENERATED) and be signed
-    by another: a key file replaced by hand, or a rotate-key cut short before it switched the
-    key files, halts at open with the way out; the announced key signs."""
+    """The first chain must not open saying one key and be signed by another: after a
+    rotate-key cut short before it switched the key files (the held KEY_GENERATED names the
+    new key, ``by: rotate-key``), the old key halts at open with the way out, and the
+    announced key signs. A generated key lost before anything was signed is not that: the
+    next key opens the journal (the daemon announces it in turn)."""
     from drivers.signers.software import generate_key
 
     other = generate_key(tmp_path / "other" / "signing.pem")
-    ledger = await Ledger.open(db_path, signer)
+    lost = generate_key(tmp_path / "lost" / "signing.pem")
+    ledger = await Ledger.open(db_path, lost)
     try:
-        await ledger.hold_events([("start-1", {"event": "KEY_GENERATED", "key_id": signer.key_id})])
+        await ledger.hold_events([("gen-1", {"event": "KEY_GENERATED", "key_id": lost.key_id})])
+    finally:
+        await ledger.close()
+    ledger = await Ledger.open(db_path, other)
+    try:
+        assert ledger.halted is None  # the lost generated key does not bind the journal
+        await ledger.hold_events(
+            [
+                (
+                    "rot-1",
+                    {
+                        "event": "KEY_GENERATED",
+                        "key_id": signer.key_id,
+                        "replaces_key_id": other.key_id,
+                        "by": "rotate-key",
+                    },
+                )
+            ]
+        )
     finally:
         await ledger.close()
     wrong = await Ledger.open(db_path, other)
