@@ -37,6 +37,7 @@ from gateway.closings import Scheduler
 from gateway.config import Config
 from gateway.core.closing import Schedule, parse_closing_time, parse_year_end
 from gateway.core.errors import SigningHalted
+from gateway.core.events import KEY_GENERATED
 from gateway.core.record import Record, format_time
 from gateway.events import EventJournal
 from gateway.ledger import Entry, Ledger
@@ -181,7 +182,7 @@ class FiscalJournal:
                 previous_sha256=previous_hash,
             )
         if self.key_generated is not None:
-            await self.events.write("KEY_GENERATED", key_id=self.key_generated)
+            await self.events.write(KEY_GENERATED, key_id=self.key_generated)
         await self.events.flush()
         made = await self.scheduler.catch_up()
         if made:

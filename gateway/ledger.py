@@ -76,14 +76,12 @@ from gateway.core.errors import (
     SigningHalted,
     StorageError,
 )
+from gateway.core.events import KEY_GENERATED
 from gateway.core.record import Record, format_time
 from gateway.core.verify import ChainVerifier, StoredRecord, VerifyFailure
 from gateway.store import Reader, connect, migrate, quick_check, warm_page_cache
 
 log = logging.getLogger("gateway.ledger")
-
-#: The technical event of a key that signs first (gateway.core.events, docs/events.md).
-KEY_GENERATED = "KEY_GENERATED"
 
 
 class Signer(Protocol):

@@ -19,6 +19,10 @@ from typing import Any
 from gateway.core.canonical import canonical_bytes
 from gateway.core.record import format_time
 
+#: The event of a key that signs first: a generated one, or one ``rotate-key`` put in place on
+#: a journal with no chain yet (the ledger holds the journal to it).
+KEY_GENERATED = "KEY_GENERATED"
+
 #: code → when the gateway records it (the full table with fields is docs/events.md)
 CODES: dict[str, str] = {
     "START": "the gateway started (version, key, configuration hash, time zone)",
@@ -31,7 +35,7 @@ CODES: dict[str, str] = {
     "CLOCK_JUMP": "the wall clock jumped backward, or forward beyond the threshold",
     "PRINTER_FAULT": "the receipt printer reported a fault or could not be reached",
     "PRINTER_RECOVERED": "the receipt printer works again",
-    "KEY_GENERATED": "a new signing key was generated",
+    KEY_GENERATED: "a new signing key was generated",
     "KEY_ROTATED": "the chain switches to a new signing key (chain rule, see record-format)",
     "CONFIG_CHANGED": "the configuration differs from the one last recorded",
     "EXPORT_MADE": "an auditor export was written",
