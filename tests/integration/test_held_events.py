@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,19 @@ async def open_run(db: Path, signer: SoftwareSigner, clock: Clock) -> tuple[Ledg
     return ledger, events
 
 
+@asynccontextmanager
+async def started(
+    db: Path, signer: SoftwareSigner, clock: Clock
+) -> AsyncIterator[tuple[Ledger, EventJournal]]:
+    """A fresh journal whose START is held (no chain yet); closed on the way out."""
+    ledger, events = await open_run(db, signer, clock)
+    try:
+        await events.write("START", version="1", key_id=signer.key_id)
+        yield ledger, events
+    finally:
+        await ledger.close()
+
+
 async def test_held_events_survive_restarts_and_open_the_first_chain_in_time_order(
     db_path: Path, signer: SoftwareSigner, make_sale: SaleFactory
 ) -> None:
@@ -107,9 +120,7 @@ async def test_held_events_refused_opening_request_writes_nothing_and_keeps_them
     db_path: Path, signer: SoftwareSigner, make_entry: EntryFactory
 ) -> None:
     clock = Clock(T0)
-    ledger, events = await open_run(db_path, signer, clock)
-    try:
-        await events.write("START", version="1", key_id=signer.key_id)
+    async with started(db_path, signer, clock) as (ledger, _):
 
         def refuse(view: Any) -> dict[str, Any]:
             raise Conflict("refused in the writer")
@@ -124,8 +135,6 @@ async def test_held_events_refused_opening_request_writes_nothing_and_keeps_them
 
         ok = await ledger.submit(make_entry("a1"))
         assert ok.record.seq == 2 and held_rows(db_path) == []
-    finally:
-        await ledger.close()
     assert [b["type"] for b in chain_bodies(db_path)] == [
         "INTENTION::EVENT",
         "TRANSACTION::RECEIPT",
@@ -137,9 +146,7 @@ async def test_held_events_two_chains_opened_in_one_group_both_get_them_later_on
     db_path: Path, signer: SoftwareSigner, make_entry: EntryFactory
 ) -> None:
     clock = Clock(T0)
-    ledger, events = await open_run(db_path, signer, clock)
-    try:
-        await events.write("START", version="1", key_id=signer.key_id)
+    async with started(db_path, signer, clock) as (ledger, events):
         out = await ledger.submit_many(
             [make_entry("a", till="till-1"), make_entry("b", till="till-2")], atomic=False
         )
@@ -150,8 +157,6 @@ async def test_held_events_two_chains_opened_in_one_group_both_get_them_later_on
         clock.now = T0 + 1000
         written = await events.write("STOP", uptime_s=1, clean=True)
         assert sorted(r.chain for r in written) == ["till-1", "till-2", "till-3"]
-    finally:
-        await ledger.close()
     for chain in ("till-1", "till-2"):
         first = chain_bodies(db_path, chain)[0]
         assert (first["seq"], first["payload"]["event"]) == (1, "START")
@@ -163,16 +168,12 @@ async def test_held_events_close_op_opening_a_chain_sums_them_in_its_period(
     db_path: Path, signer: SoftwareSigner
 ) -> None:
     clock = Clock(T0)
-    ledger, events = await open_run(db_path, signer, clock)
-    try:
-        await events.write("START", version="1", key_id=signer.key_id)
+    async with started(db_path, signer, clock) as (ledger, _):
         clock.now = T0 + 5000
         dispatcher = Dispatcher(ledger, rules=Rules(), clock_ms=clock)
         reply = await dispatcher.handle(
             {"id": "z1", "op": "close", "till": "till-1", "period": "DAILY"}
         )
-    finally:
-        await ledger.close()
     assert reply["ok"], reply
     period = reply["record"]["payload"]["period"]
     assert (period["from_seq"], period["to_seq"], period["from_time"]) == (1, 1, format_time(T0))
